@@ -1,0 +1,36 @@
+# The two commands in README.md: `make run` and `make test`. Everything else is a helper.
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: run test bench bench-digest lint venv stack-up stack-down
+
+run: venv
+	deploy/with-stack $(PY) -m services.cli run-all
+
+test: venv
+	deploy/with-stack $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	deploy/with-stack $(PY) -m bench
+
+bench-digest: venv
+	$(PY) bench/bench_digest.py
+
+lint: venv
+	$(VENV)/bin/ruff check services tests bench
+
+stack-up: venv
+	deploy/stack up
+
+stack-down:
+	deploy/stack down
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Layerlog needs Python 3.11 or newer; set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@

@@ -1,0 +1,114 @@
+"""Kafka plumbing shared by the services: clients configured one way, and topic provisioning."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from services.core.settings import MAX_CHUNK_CEILING, MIB, Settings
+
+log = logging.getLogger(__name__)
+
+# Room for the largest chunk plus the record's Avro envelope.
+MAX_RECORD_BYTES = MAX_CHUNK_CEILING + MIB
+COMMAND_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
+def producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
+    """An idempotent producer: a retried send never writes a record twice."""
+    options: dict[str, object] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "enable_idempotence": True,
+        "acks": "all",
+        "max_request_size": MAX_RECORD_BYTES,
+        "linger_ms": 2,
+        "request_timeout_ms": 30_000,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def consumer(
+    settings: Settings, topics: Sequence[str], group_id: str | None, **overrides: object
+) -> AIOKafkaConsumer:
+    """A read_committed consumer that commits offsets only when the service says so."""
+    options: dict[str, object] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_partition_fetch_bytes": MAX_RECORD_BYTES,
+        "fetch_max_bytes": 2 * MAX_RECORD_BYTES,
+        "session_timeout_ms": 10_000,
+        "heartbeat_interval_ms": 1_000,
+        "max_poll_interval_ms": 300_000,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+def topic_specs(settings: Settings) -> list[NewTopic]:
+    big_records = {"max.message.bytes": str(MAX_RECORD_BYTES)}
+    return [
+        # Commands carry chunk bytes; they are input, kept long enough to replay a crash.
+        NewTopic(
+            settings.commands_topic,
+            settings.partitions,
+            1,
+            topic_configs={**big_records, "retention.ms": str(COMMAND_RETENTION_MS)},
+        ),
+        # The events topic is the audit log and the source of truth: never deleted.
+        NewTopic(
+            settings.events_topic,
+            settings.partitions,
+            1,
+            topic_configs={"retention.ms": "-1", "retention.bytes": "-1"},
+        ),
+        NewTopic(
+            settings.dead_letter_topic,
+            settings.partitions,
+            1,
+            topic_configs={**big_records, "retention.ms": "-1"},
+        ),
+    ]
+
+
+async def ensure_topics(settings: Settings, timeout: float = 60.0) -> list[str]:
+    """Creates the topics the services need; returns the names that were created."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000
+    )
+    await _retry_until(admin.start, timeout, "Kafka at " + settings.kafka_bootstrap)
+    created = []
+    try:
+        existing = set(await admin.list_topics())
+        for spec in topic_specs(settings):
+            if spec.name in existing:
+                continue
+            try:
+                await admin.create_topics([spec])
+                created.append(spec.name)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+    return created
+
+
+async def _retry_until(start: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await start()  # type: ignore[operator]
+            return
+        except (KafkaError, OSError) as error:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer within {timeout:.0f}s: {error}") from error
+            await asyncio.sleep(0.5)

@@ -1,0 +1,228 @@
+"""Object-store access: a few verbs over the S3 API, each run in a thread.
+
+The minio client is blocking, so every call goes through asyncio.to_thread; the services never talk
+to a particular S3 server's internals, so AWS, Ceph, MinIO, SeaweedFS or versitygw all work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import ENABLED, Filter
+from minio.datatypes import Part
+from minio.error import S3Error
+from minio.lifecycleconfig import AbortIncompleteMultipartUpload, LifecycleConfig, Rule
+
+from services.core.settings import Settings
+
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchUpload", "NoSuchBucket", "NotFound"})
+
+
+class ObjectNotFound(LookupError):
+    """The key (or multipart upload) does not exist."""
+
+
+@dataclass(frozen=True)
+class StagedPart:
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    metadata: dict[str, str]
+
+
+class ObjectStore:
+    """The verbs the services need from S3, against one bucket."""
+
+    def __init__(self, settings: Settings, *, max_connections: int = 32) -> None:
+        self.bucket = settings.bucket
+        http = urllib3.PoolManager(
+            maxsize=max_connections,
+            timeout=urllib3.Timeout(connect=5, read=60),
+            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+        )
+        self.client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            http_client=http,
+        )
+
+    # Bucket
+
+    async def ensure_bucket(self) -> bool:
+        """Creates the bucket if missing; returns True if it was created."""
+
+        def create() -> bool:
+            if self.client.bucket_exists(self.bucket):
+                return False
+            self.client.make_bucket(self.bucket)
+            return True
+
+        return await asyncio.to_thread(create)
+
+    async def abort_stale_multipart_uploads_after(self, days: int) -> bool:
+        """Asks the server to abort forgotten multipart uploads; False if it cannot."""
+        rule = Rule(
+            ENABLED,
+            rule_filter=Filter(prefix=""),
+            rule_id="abort-incomplete-multipart-uploads",
+            abort_incomplete_multipart_upload=AbortIncompleteMultipartUpload(days),
+        )
+        try:
+            await asyncio.to_thread(
+                self.client.set_bucket_lifecycle, self.bucket, LifecycleConfig([rule])
+            )
+            return True
+        except S3Error as error:
+            if error.code in ("NotImplemented", "NotSupported"):
+                return False
+            raise
+
+    # Whole objects
+
+    async def put(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+        await asyncio.to_thread(
+            self.client.put_object,
+            self.bucket,
+            key,
+            io.BytesIO(data),
+            len(data),
+            metadata=metadata,  # type: ignore[arg-type]
+        )
+
+    async def get(self, key: str, offset: int = 0, length: int = 0) -> bytes:
+        def read() -> bytes:
+            response = self._open(key, offset, length)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return await asyncio.to_thread(read)
+
+    async def stream(
+        self, key: str, offset: int = 0, length: int = 0, chunk_size: int = 1 << 20
+    ) -> AsyncIterator[bytes]:
+        """Yields the object's bytes [offset, offset+length) in chunks, reading in a thread."""
+        response = await asyncio.to_thread(self._open, key, offset, length)
+        try:
+            while True:
+                chunk = await asyncio.to_thread(response.read, chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            response.close()
+            response.release_conn()
+
+    async def stat(self, key: str) -> ObjectInfo:
+        def stat() -> ObjectInfo:
+            try:
+                info = self.client.stat_object(self.bucket, key)
+            except S3Error as error:
+                raise _translate(error, key) from error
+            metadata = {
+                name[len("x-amz-meta-") :].lower(): value
+                for name, value in (info.metadata or {}).items()
+                if name.lower().startswith("x-amz-meta-")
+            }
+            return ObjectInfo(key, info.size or 0, metadata)
+
+        return await asyncio.to_thread(stat)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.client.remove_object, self.bucket, key)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        def delete_all() -> int:
+            keys = [
+                item.object_name
+                for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            ]
+            for key in keys:
+                self.client.remove_object(self.bucket, key)
+            return len(keys)
+
+        return await asyncio.to_thread(delete_all)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        def keys() -> list[str]:
+            return [
+                item.object_name
+                for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            ]
+
+        return await asyncio.to_thread(keys)
+
+    # Multipart uploads: the staging area of an upload in progress
+
+    async def start_multipart(self, key: str) -> str:
+        return await asyncio.to_thread(
+            self.client._create_multipart_upload, self.bucket, key, {}
+        )
+
+    async def put_part(self, key: str, upload_id: str, number: int, data: bytes) -> StagedPart:
+        def upload() -> StagedPart:
+            try:
+                etag = self.client._upload_part(self.bucket, key, data, None, upload_id, number)
+            except S3Error as error:
+                raise _translate(error, key) from error
+            return StagedPart(number, etag, len(data))
+
+        return await asyncio.to_thread(upload)
+
+    async def complete_multipart(self, key: str, upload_id: str, parts: list[StagedPart]) -> None:
+        def complete() -> None:
+            try:
+                self.client._complete_multipart_upload(
+                    self.bucket, key, upload_id, [Part(p.number, p.etag) for p in parts]
+                )
+            except S3Error as error:
+                raise _translate(error, key) from error
+
+        await asyncio.to_thread(complete)
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        def abort() -> None:
+            try:
+                self.client._abort_multipart_upload(self.bucket, key, upload_id)
+            except S3Error as error:
+                if error.code not in NOT_FOUND_CODES:
+                    raise
+
+        await asyncio.to_thread(abort)
+
+    async def multipart_uploads(self, prefix: str) -> list[tuple[str, str]]:
+        """(key, upload id) of every incomplete multipart upload under prefix."""
+
+        def list_uploads() -> list[tuple[str, str]]:
+            result = self.client._list_multipart_uploads(self.bucket, prefix=prefix)
+            return [(u.object_name, u.upload_id) for u in result.uploads]
+
+        return await asyncio.to_thread(list_uploads)
+
+    def _open(self, key: str, offset: int, length: int) -> urllib3.BaseHTTPResponse:
+        try:
+            return self.client.get_object(self.bucket, key, offset=offset, length=length)
+        except S3Error as error:
+            raise _translate(error, key) from error
+
+
+def _translate(error: S3Error, key: str) -> Exception:
+    if error.code in NOT_FOUND_CODES:
+        return ObjectNotFound(f"{key}: {error.code}")
+    return error

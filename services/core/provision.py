@@ -1,0 +1,56 @@
+"""Creates what the services need on a fresh stack: the topics and the bucket.
+
+`deploy/stack up` runs this once the servers answer; running it again changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from services.core.kafka import ensure_topics
+from services.core.objectstore import ObjectStore
+from services.core.settings import Settings
+
+STALE_MULTIPART_DAYS = 7
+
+
+async def provision(settings: Settings, timeout: float = 60.0) -> list[str]:
+    """Returns a line for each thing it did, for the operator."""
+    report = []
+    created = await ensure_topics(settings, timeout)
+    report += [f"created topic {name}" for name in created]
+    store = ObjectStore(settings)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if await store.ensure_bucket():
+                report.append(f"created bucket {settings.bucket}")
+            break
+        except Exception as error:  # the server is still starting: any failure means retry
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"S3 at {settings.s3_endpoint} did not answer within {timeout:.0f}s: {error}"
+                ) from error
+            await asyncio.sleep(0.5)
+    if not await store.abort_stale_multipart_uploads_after(STALE_MULTIPART_DAYS):
+        report.append(
+            "note: the S3 server has no lifecycle rules; stale multipart uploads are "
+            "removed by Layerlog's own upload expiry"
+        )
+    return report
+
+
+def main() -> int:
+    try:
+        for line in asyncio.run(provision(Settings.from_env())):
+            print(line)
+    except Exception as error:
+        print(f"provision: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

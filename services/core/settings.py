@@ -1,0 +1,128 @@
+"""One settings object for every service, read from LAYERLOG_* environment variables.
+
+The defaults match the local stack that `deploy/stack up` starts, so a newcomer sets nothing.
+A malformed value raises SettingsError naming the variable, at start-up rather than mid-upload.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
+
+MIB = 1 << 20
+# S3 rejects multipart parts below 5 MiB (except the last), so staged parts are at least this big.
+S3_MIN_PART_SIZE = 5 * MIB
+# A chunk travels inside one Kafka record; the commands topic is created to accept this much.
+MAX_CHUNK_CEILING = 64 * MIB
+
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+class SettingsError(ValueError):
+    """A LAYERLOG_* variable holds a value the services cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "layerlog"
+    s3_secret_key: str = "layerlog-secret"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    bucket: str = "layerlog"
+    query_url: str = "http://127.0.0.1:8080"
+    query_listen: str = "127.0.0.1:8080"
+    commands_topic: str = "layerlog.commands"
+    events_topic: str = "layerlog.events"
+    dead_letter_topic: str = "layerlog.dead-letter"
+    partitions: int = 6
+    max_chunk_bytes: int = 8 * MIB
+    part_size: int = S3_MIN_PART_SIZE
+    index_path: str = "layerlog-index.sqlite"
+    upload_ttl_seconds: int = 7 * 24 * 3600
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            variable = "LAYERLOG_" + field.name.upper()
+            raw = env.get(variable)
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _convert(variable, raw, field.type)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        _host_port("LAYERLOG_S3_ENDPOINT", self.s3_endpoint)
+        _host_port("LAYERLOG_QUERY_LISTEN", self.query_listen)
+        for server in self.kafka_bootstrap.split(","):
+            _host_port("LAYERLOG_KAFKA_BOOTSTRAP", server.strip())
+        url = urlsplit(self.query_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise SettingsError(
+                f"LAYERLOG_QUERY_URL must be an http(s) URL like http://127.0.0.1:8080, "
+                f"got {self.query_url!r}"
+            )
+        if not _BUCKET_NAME.match(self.bucket):
+            raise SettingsError(
+                f"LAYERLOG_BUCKET must be an S3 bucket name (3-63 of a-z 0-9 . -), "
+                f"got {self.bucket!r}"
+            )
+        for name in ("commands_topic", "events_topic", "dead_letter_topic"):
+            value = getattr(self, name)
+            if not _TOPIC_NAME.match(value):
+                raise SettingsError(
+                    f"LAYERLOG_{name.upper()} must be a Kafka topic name "
+                    f"(1-249 of A-Z a-z 0-9 . _ -), got {value!r}"
+                )
+        if self.partitions < 1:
+            raise SettingsError(f"LAYERLOG_PARTITIONS must be at least 1, got {self.partitions}")
+        if not 1 <= self.max_chunk_bytes <= MAX_CHUNK_CEILING:
+            raise SettingsError(
+                f"LAYERLOG_MAX_CHUNK_BYTES must be between 1 and {MAX_CHUNK_CEILING}, "
+                f"got {self.max_chunk_bytes}"
+            )
+        if self.part_size < S3_MIN_PART_SIZE:
+            raise SettingsError(
+                f"LAYERLOG_PART_SIZE must be at least {S3_MIN_PART_SIZE} (the S3 minimum), "
+                f"got {self.part_size}"
+            )
+        if self.upload_ttl_seconds < 1:
+            raise SettingsError(
+                f"LAYERLOG_UPLOAD_TTL_SECONDS must be at least 1, got {self.upload_ttl_seconds}"
+            )
+
+    @property
+    def query_host_port(self) -> tuple[str, int]:
+        return _host_port("LAYERLOG_QUERY_LISTEN", self.query_listen)
+
+
+def _convert(variable: str, raw: str, kind: object) -> object:
+    if kind in (bool, "bool"):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{variable} must be true or false, got {raw!r}")
+    if kind in (int, "int"):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{variable} must be a whole number, got {raw!r}") from None
+    return raw.strip()
+
+
+def _host_port(variable: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"{variable} must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
