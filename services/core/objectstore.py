@@ -15,7 +15,7 @@ import urllib3
 from minio import Minio
 from minio.commonconfig import ENABLED, Filter
 from minio.datatypes import Part
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 from minio.lifecycleconfig import AbortIncompleteMultipartUpload, LifecycleConfig, Rule
 
 from services.core.settings import Settings
@@ -49,7 +49,9 @@ class ObjectStore:
         http = urllib3.PoolManager(
             maxsize=max_connections,
             timeout=urllib3.Timeout(connect=5, read=60),
-            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            retries=urllib3.Retry(
+                total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
+            ),
         )
         self.client = Minio(
             settings.s3_endpoint,
@@ -171,9 +173,7 @@ class ObjectStore:
     # Multipart uploads: the staging area of an upload in progress
 
     async def start_multipart(self, key: str) -> str:
-        return await asyncio.to_thread(
-            self.client._create_multipart_upload, self.bucket, key, {}
-        )
+        return await asyncio.to_thread(self.client._create_multipart_upload, self.bucket, key, {})
 
     async def put_part(self, key: str, upload_id: str, number: int, data: bytes) -> StagedPart:
         def upload() -> StagedPart:
@@ -226,3 +226,15 @@ def _translate(error: S3Error, key: str) -> Exception:
     if error.code in NOT_FOUND_CODES:
         return ObjectNotFound(f"{key}: {error.code}")
     return error
+
+
+_TRANSIENT_S3_CODES = frozenset(
+    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed"}
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True when an S3 call failed because the server is away or busy: worth retrying."""
+    if isinstance(error, S3Error):
+        return error.code in _TRANSIENT_S3_CODES
+    return isinstance(error, (ServerError, urllib3.exceptions.HTTPError, OSError))

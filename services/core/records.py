@@ -1,0 +1,204 @@
+"""Commands, events and dead letters as plain data, mirroring schemas/*.avsc field for field.
+
+A record's class name is its Avro record name; services.core.codec turns one into the other.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+
+def now() -> datetime:
+    # Avro timestamp-millis keeps milliseconds; truncating makes a record equal its round trip.
+    moment = datetime.now(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def derived_id(cause: str, kind: str) -> str:
+    """A stable id for the event `kind` caused by `cause`: a redelivery makes the same id."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"layerlog:{cause}:{kind}"))
+
+
+# Commands: what clients ask for, on the commands topic, keyed by upload_id.
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command:
+    upload_id: str
+    repository: str
+    command_id: str = field(default_factory=new_id)
+    issued_at: datetime = field(default_factory=now)
+    schema_version: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartUpload(Command):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class AppendChunk(Command):
+    offset: int
+    data: bytes
+
+    def __repr__(self) -> str:  # keep megabytes of chunk out of logs and test failures
+        return (
+            f"AppendChunk(upload_id={self.upload_id!r}, offset={self.offset}, "
+            f"len(data)={len(self.data)}, command_id={self.command_id!r})"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinishUpload(Command):
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CancelUpload(Command):
+    pass
+
+
+COMMAND_TYPES: tuple[type[Command], ...] = (StartUpload, AppendChunk, FinishUpload, CancelUpload)
+
+
+# Events: what happened, on the events topic (kept forever), keyed by upload_id.
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    event_id: str
+    upload_id: str
+    repository: str
+    caused_by: str | None
+    occurred_at: datetime = field(default_factory=now)
+    schema_version: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadStarted(Event):
+    staging_key: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkAppended(Event):
+    offset: int
+    length: int
+    durable_offset: int
+    chunk_sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadFinished(Event):
+    size: int
+    digest: str
+    staged_size: int
+    staging_key: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerCommitted(Event):
+    digest: str
+    size: int
+    object_key: str
+    committed_at: datetime
+    blob_sha256: str
+
+
+class FailureReason:
+    INVALID_DIGEST = "INVALID_DIGEST"
+    INVALID_LENGTH = "INVALID_LENGTH"
+    TARSUM_VERSION_UNSUPPORTED = "TARSUM_VERSION_UNSUPPORTED"
+    MALFORMED_LAYER = "MALFORMED_LAYER"
+    MISSING_DATA = "MISSING_DATA"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerValidationFailed(Event):
+    reason: str
+    expected: str
+    actual: str
+    detail: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadCancelled(Event):
+    durable_offset: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadExpired(Event):
+    durable_offset: int
+    idle_seconds: int
+
+
+class RejectReason:
+    UNKNOWN_UPLOAD = "UNKNOWN_UPLOAD"
+    UPLOAD_EXISTS = "UPLOAD_EXISTS"
+    OFFSET_MISMATCH = "OFFSET_MISMATCH"
+    INVALID_REPOSITORY = "INVALID_REPOSITORY"
+    INVALID_DIGEST = "INVALID_DIGEST"
+    INVALID_UPLOAD_ID = "INVALID_UPLOAD_ID"
+    UPLOAD_FINISHED = "UPLOAD_FINISHED"
+    UPLOAD_CANCELLED = "UPLOAD_CANCELLED"
+    CHUNK_TOO_LARGE = "CHUNK_TOO_LARGE"
+    INVALID_SIZE = "INVALID_SIZE"
+    CHUNK_CONFLICT = "CHUNK_CONFLICT"
+    REPOSITORY_MISMATCH = "REPOSITORY_MISMATCH"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandRejected(Event):
+    command_type: str
+    reason: str
+    detail: str
+    expected_offset: int | None = None
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    UploadStarted,
+    ChunkAppended,
+    UploadFinished,
+    LayerCommitted,
+    LayerValidationFailed,
+    UploadCancelled,
+    UploadExpired,
+    CommandRejected,
+)
+VERDICTS = (LayerCommitted, LayerValidationFailed)
+
+
+# Dead letters: bytes on the commands topic that are not a command at all.
+
+
+class DeadLetterReason:
+    NOT_SINGLE_OBJECT_ENCODED = "NOT_SINGLE_OBJECT_ENCODED"
+    UNKNOWN_FINGERPRINT = "UNKNOWN_FINGERPRINT"
+    MALFORMED_AVRO = "MALFORMED_AVRO"
+    TRUNCATED = "TRUNCATED"
+    UNEXPECTED_TYPE = "UNEXPECTED_TYPE"
+    HANDLER_ERROR = "HANDLER_ERROR"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetter:
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None
+    reason: str
+    detail: str
+    original: bytes
+    occurred_at: datetime = field(default_factory=now)
+    schema_version: int = 1
+
+
+RECORD_TYPES: dict[str, type] = {
+    cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES, DeadLetter)
+}

@@ -1,0 +1,161 @@
+"""Fixtures against the real stack (`deploy/stack up`, which `make test` runs first).
+
+Each test session gets its own topics and bucket, so tests never see another run's records and
+can run beside `make run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.core.objectstore import ObjectStore
+from services.core.provision import provision
+from services.core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERLOG_")}
+    for name, value in settings.__dict__.items():
+        env["LAYERLOG_" + name.upper()] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
+    return env
+
+
+@pytest.fixture(scope="session")
+async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Settings]:
+    run = uuid.uuid4().hex[:10]
+    port = free_port()
+    base = Settings.from_env()
+    settings = replace(
+        base,
+        commands_topic=f"test-{run}.commands",
+        events_topic=f"test-{run}.events",
+        dead_letter_topic=f"test-{run}.dead-letter",
+        bucket=f"layerlog-test-{run}",
+        partitions=4,
+        query_listen=f"127.0.0.1:{port}",
+        query_url=f"http://127.0.0.1:{port}",
+        index_path=str(tmp_path_factory.mktemp("index") / "index.sqlite"),
+    )
+    try:
+        await provision(settings, timeout=30)
+    except RuntimeError as error:
+        pytest.exit(f"the stack is not up ({error}); run the tests with `make test`", returncode=3)
+    yield settings
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(
+            [settings.commands_topic, settings.events_topic, settings.dead_letter_topic]
+        )
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def store(settings: Settings) -> ObjectStore:
+    return ObjectStore(settings)
+
+
+class ServiceProcess:
+    """One service in its own process, as in production; stopped by its pid."""
+
+    def __init__(self, name: str, settings: Settings, log_dir: Path, *args: str) -> None:
+        self.name = name
+        self.args = args
+        self.settings = settings
+        self.log_path = log_dir / f"{name}-{'-'.join(args) or 'default'}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", self.name, *self.args],
+            env=settings_env(self.settings),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+async def wait_for_query(settings: Settings, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(settings.query_url + "/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"query service not answering at {settings.query_url}")
+            await asyncio.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+async def stack_services(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[dict[str, ServiceProcess]]:
+    """The three services, running for the whole session."""
+    logs = tmp_path_factory.mktemp("service-logs")
+    running = {
+        "upload-worker": ServiceProcess("upload-worker", settings, logs, "--instance-id", "w1"),
+        "verifier": ServiceProcess("verifier", settings, logs, "--instance-id", "v1"),
+        "query": ServiceProcess("query", settings, logs),
+    }
+    for service in running.values():
+        service.start()
+    await wait_for_query(settings)
+    yield running
+    for service in running.values():
+        service.stop()
+    for service in running.values():
+        if service.log_path.exists():
+            tail = service.log_path.read_text(errors="replace").splitlines()[-5:]
+            print(f"--- {service.name} log tail:\n" + "\n".join(tail))
+
+
+@pytest.fixture()
+def log_dir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
