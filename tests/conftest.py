@@ -56,6 +56,7 @@ async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Se
         dead_letter_topic=f"test-{run}.dead-letter",
         bucket=f"layerlog-test-{run}",
         partitions=4,
+        max_chunk_bytes=1 << 20,
         query_listen=f"127.0.0.1:{port}",
         query_url=f"http://127.0.0.1:{port}",
         index_path=str(tmp_path_factory.mktemp("index") / "index.sqlite"),

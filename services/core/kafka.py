@@ -110,5 +110,7 @@ async def _retry_until(start: object, timeout: float, what: str) -> None:
             return
         except (KafkaError, OSError) as error:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not answer within {timeout:.0f}s: {error}") from error
+                raise RuntimeError(
+                    f"{what} did not answer within {timeout:.0f}s: {error}"
+                ) from error
             await asyncio.sleep(0.5)

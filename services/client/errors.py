@@ -1,0 +1,48 @@
+"""The SDK's exceptions, named after the registry LayerService's errors."""
+
+from __future__ import annotations
+
+
+class LayerError(Exception):
+    """Base of every error the SDK raises."""
+
+
+class LayerUnknown(LayerError):
+    """The layer is not committed to that repository."""
+
+
+class LayerExists(LayerError):
+    """The layer exists already."""
+
+
+class LayerTarSumVersionUnsupported(LayerError):
+    """The digest names a TarSum version the verifier does not know."""
+
+
+class LayerUploadUnknown(LayerError):
+    """No such upload in progress: never started, or finished, cancelled or expired."""
+
+
+class LayerInvalidDigest(LayerError):
+    """The digest is malformed, or the bytes do not have it."""
+
+
+class LayerInvalidLength(LayerError):
+    """The size given to finish() is not the number of bytes uploaded."""
+
+
+class LayerNameInvalid(LayerError):
+    """The repository name breaks the distribution grammar."""
+
+
+VERDICT_ERRORS: dict[str, type[LayerError]] = {
+    "INVALID_DIGEST": LayerInvalidDigest,
+    "MALFORMED_LAYER": LayerInvalidDigest,
+    "INVALID_LENGTH": LayerInvalidLength,
+    "TARSUM_VERSION_UNSUPPORTED": LayerTarSumVersionUnsupported,
+    "UNKNOWN_UPLOAD": LayerUploadUnknown,
+    "UPLOAD_FINISHED": LayerUploadUnknown,
+    "UPLOAD_CANCELLED": LayerUploadUnknown,
+    "INVALID_REPOSITORY": LayerNameInvalid,
+    "REPOSITORY_MISMATCH": LayerUploadUnknown,
+}

@@ -1,0 +1,306 @@
+"""LayerService, LayerUpload and Layer: the SDK's three handles."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from services.client.errors import (
+    VERDICT_ERRORS,
+    LayerError,
+    LayerInvalidDigest,
+    LayerNameInvalid,
+    LayerUnknown,
+    LayerUploadUnknown,
+)
+from services.core import kafka
+from services.core.codec import CODEC
+from services.core.names import InvalidName, check_repository
+from services.core.records import AppendChunk, CancelUpload, Command, FinishUpload, StartUpload
+from services.core.settings import Settings
+
+DEFAULT_FINISH_TIMEOUT = 300.0
+POLL_SECONDS = 20.0
+
+
+class LayerService:
+    """Entry point: `async with LayerService() as ls:`; settings from LAYERLOG_* unless given."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        chunk_size: int | None = None,
+        finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.chunk_size = min(
+            chunk_size or self.settings.max_chunk_bytes, self.settings.max_chunk_bytes
+        )
+        self.finish_timeout = finish_timeout
+        self._producer = kafka.producer(self.settings)
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> LayerService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await self._producer.start()
+        self._http = aiohttp.ClientSession(
+            base_url=self.settings.query_url, timeout=aiohttp.ClientTimeout(total=None, connect=10)
+        )
+
+    async def close(self) -> None:
+        await self._producer.stop()
+        if self._http is not None:
+            await self._http.close()
+
+    # LayerService verbs
+
+    async def upload(self, name: str) -> LayerUpload:
+        _check_name(name)
+        upload = LayerUpload(self, str(uuid.uuid4()), name, 0)
+        await self._send(StartUpload(upload_id=upload.uuid, repository=name))
+        return upload
+
+    async def resume(self, upload_id: str) -> LayerUpload:
+        async with self.http.get(f"/uploads/{upload_id}") as response:
+            body = await response.json(content_type=None)
+            if response.status in (400, 404):
+                raise LayerUploadUnknown(body.get("message", f"upload {upload_id} unknown"))
+            _raise_for_status(response, body)
+        return LayerUpload(self, upload_id, body["repository"], body["offset"])
+
+    async def exists(self, name: str, digest: str) -> bool:
+        return await self._head(name, digest) is not None
+
+    async def fetch(self, name: str, digest: str) -> Layer:
+        headers = await self._head(name, digest)
+        if headers is None:
+            raise LayerUnknown(f"no layer {digest} in {name}")
+        created_ms = int(headers.get("X-Layerlog-Created-At-Ms", "0"))
+        return Layer(
+            self,
+            name,
+            digest,
+            int(headers["Content-Length"]),
+            datetime.fromtimestamp(created_ms / 1000, UTC),
+        )
+
+    # Plumbing
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise LayerError("LayerService is not started: use `async with LayerService()`")
+        return self._http
+
+    async def _send(self, command: Command) -> asyncio.Future[Any]:
+        """Queues a command; the returned future resolves once Kafka has it."""
+        return await self._producer.send(
+            self.settings.commands_topic, CODEC.encode(command), key=command.upload_id.encode()
+        )
+
+    async def _head(self, name: str, digest: str) -> dict[str, str] | None:
+        _check_name(name)
+        async with self.http.head(f"/v2/{name}/blobs/{digest}") as response:
+            if response.status == 200:
+                return dict(response.headers)
+            if response.status == 404:
+                return None
+            if response.status == 400:
+                body = await self.http.get(f"/v2/{name}/blobs/{digest}")
+                message = (await body.json(content_type=None)).get("message", "bad request")
+                body.release()
+                raise LayerInvalidDigest(message)
+            raise LayerError(f"query service answered {response.status} for {name}@{digest}")
+
+    async def _wait_for_verdict(self, upload_id: str, command_id: str, final: set[str]) -> dict:
+        deadline = time.monotonic() + self.finish_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LayerError(f"no verdict for upload {upload_id} within {self.finish_timeout}s")
+            wait = min(POLL_SECONDS, remaining)
+            try:
+                async with self.http.get(
+                    f"/uploads/{upload_id}/verdict",
+                    params={"wait": f"{wait:.3f}", "command": command_id},
+                ) as response:
+                    body = await response.json(content_type=None)
+                    if response.status == 200 and body["state"] in final | {"rejected"}:
+                        return body
+                    if response.status not in (200, 404):
+                        _raise_for_status(response, body)
+            except aiohttp.ClientConnectionError:
+                # The query service restarts; the verdict will still be in the log when it is back.
+                await asyncio.sleep(0.5)
+
+
+class LayerUpload:
+    """An upload in progress. offset counts the bytes accepted so far."""
+
+    def __init__(self, service: LayerService, upload_id: str, name: str, offset: int) -> None:
+        self.service = service
+        self.uuid = upload_id
+        self.name = name
+        self.offset = offset
+        self._sent = offset  # bytes handed to Kafka; offset - _sent are buffered here
+        self._buffer = bytearray()
+        self._closed = False
+
+    async def write(self, data: bytes) -> int:
+        self._check_usable()
+        self._buffer += data
+        self.offset += len(data)
+        if len(self._buffer) >= self.service.chunk_size:
+            await self._flush(all_of_it=False)
+        return len(data)
+
+    async def flush(self) -> None:
+        """Sends everything buffered and waits until Kafka has it."""
+        self._check_usable()
+        await self._flush(all_of_it=True)
+
+    async def finish(self, size: int, digest: str) -> Layer:
+        self._check_usable()
+        await self._flush(all_of_it=True)
+        command = FinishUpload(upload_id=self.uuid, repository=self.name, size=size, digest=digest)
+        await (await self.service._send(command))
+        self._closed = True
+        body = await self.service._wait_for_verdict(
+            self.uuid, command.command_id, {"committed", "failed", "cancelled", "expired"}
+        )
+        if body["state"] == "committed":
+            return await self.service.fetch(self.name, digest)
+        if body["state"] == "rejected" and body.get("reason") == "INVALID_DIGEST":
+            self._closed = False  # the worker kept the upload open: finish may be called again
+        raise _verdict_error(self.uuid, body)
+
+    async def cancel(self) -> None:
+        self._check_usable()
+        self._buffer.clear()
+        command = CancelUpload(upload_id=self.uuid, repository=self.name)
+        await (await self.service._send(command))
+        self._closed = True
+        body = await self.service._wait_for_verdict(
+            self.uuid, command.command_id, {"cancelled", "committed", "failed", "expired"}
+        )
+        if body["state"] != "cancelled":
+            raise _verdict_error(self.uuid, body)
+
+    async def _flush(self, *, all_of_it: bool) -> None:
+        size = self.service.chunk_size
+        view = memoryview(self._buffer)
+        deliveries = []
+        start = 0
+        while len(view) - start >= size or (all_of_it and start < len(view)):
+            chunk = bytes(view[start : start + size])
+            command = AppendChunk(
+                upload_id=self.uuid, repository=self.name, offset=self._sent, data=chunk
+            )
+            deliveries.append(await self.service._send(command))
+            self._sent += len(chunk)
+            start += len(chunk)
+        view.release()
+        del self._buffer[:start]
+        await asyncio.gather(*deliveries)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise LayerUploadUnknown(f"upload {self.uuid} is finished or cancelled")
+
+
+class Layer:
+    """A committed layer: readable and seekable; reads are ranged requests to the query service."""
+
+    def __init__(
+        self, service: LayerService, name: str, digest: str, size: int, created_at: datetime
+    ) -> None:
+        self.service = service
+        self.name = name
+        self.digest = digest
+        self.size = size
+        self.created_at = created_at
+        self._position = 0
+        self._response: aiohttp.ClientResponse | None = None
+        self._response_position = -1
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._position, 2: self.size}.get(whence)
+        if base is None:
+            raise ValueError(f"whence must be 0, 1 or 2, not {whence}")
+        if base + offset < 0:
+            raise ValueError(f"cannot seek to {base + offset}: before the start")
+        self._position = base + offset
+        return self._position
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._position >= self.size or n == 0:
+            return b""
+        want = self.size - self._position if n < 0 else min(n, self.size - self._position)
+        if self._response is None or self._response_position != self._position:
+            await self._open_at(self._position)
+        assert self._response is not None
+        data = await self._response.content.readexactly(want)
+        self._position += len(data)
+        self._response_position = self._position
+        return data
+
+    async def close(self) -> None:
+        if self._response is not None:
+            self._response.release()
+            self._response = None
+
+    async def _open_at(self, position: int) -> None:
+        # One streaming response serves sequential reads; a seek elsewhere opens a ranged one.
+        await self.close()
+        response = await self.service.http.get(
+            f"/v2/{self.name}/blobs/{self.digest}", headers={"Range": f"bytes={position}-"}
+        )
+        if response.status == 404:
+            response.release()
+            raise LayerUnknown(f"no layer {self.digest} in {self.name}")
+        if response.status not in (200, 206):
+            body = await response.text()
+            response.release()
+            raise LayerError(f"query service answered {response.status}: {body[:200]}")
+        self._response = response
+        self._response_position = position
+
+    async def __aenter__(self) -> Layer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _check_name(name: str) -> None:
+    try:
+        check_repository(name)
+    except InvalidName as error:
+        raise LayerNameInvalid(str(error)) from None
+
+
+def _verdict_error(upload_id: str, body: dict) -> LayerError:
+    if body["state"] in ("cancelled", "expired"):
+        return LayerUploadUnknown(f"upload {upload_id} was {body['state']}")
+    error_type = VERDICT_ERRORS.get(body.get("reason") or "", LayerError)
+    return error_type(f"upload {upload_id}: {body.get('reason')}: {body.get('detail')}")
+
+
+def _raise_for_status(response: aiohttp.ClientResponse, body: dict) -> None:
+    if response.status >= 400:
+        raise LayerError(f"query service answered {response.status}: {body.get('message', body)}")

@@ -1,0 +1,264 @@
+"""The query service's HTTP API: Exists and Fetch of layers, upload state, health and metrics.
+
+Every error is JSON: {"error": CODE, "message": "..."}; no input yields a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from services.core.digest import DigestError, parse_digest
+from services.core.names import InvalidName, check_repository, check_upload_id
+from services.core.objectstore import ObjectNotFound, ObjectStore
+from services.query.index import Index, LayerRow, UploadRow, UploadStates
+from services.query.projection import Projection
+
+MAX_WAIT_SECONDS = 60.0
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+REQUESTS = Counter(
+    "layerlog_http_requests_total", "HTTP requests answered", ["route", "method", "status"]
+)
+LATENCY = Histogram(
+    "layerlog_http_request_duration_seconds", "Time to answer an HTTP request", ["route"]
+)
+
+
+class BadRange(ValueError):
+    pass
+
+
+class Unsatisfiable(ValueError):
+    pass
+
+
+def error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """The (first, last) byte a single-range header asks for; None to send the whole body."""
+    if "," in header:
+        return None  # RFC 9110 lets a server ignore a multi-range request and send it all
+    match = _RANGE.match(header.strip())
+    if not match or match.group(1) == match.group(2) == "":
+        raise BadRange(f"malformed Range header {header[:100]!r}")
+    first, last = match.group(1), match.group(2)
+    if first == "":
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise Unsatisfiable(header)
+        return max(0, size - suffix), size - 1
+    start = int(first)
+    end = size - 1 if last == "" else min(int(last), size - 1)
+    if last != "" and int(last) < start:
+        raise BadRange(f"Range {header[:100]!r} ends before it starts")
+    if start >= size:
+        raise Unsatisfiable(header)
+    return start, end
+
+
+class QueryApi:
+    def __init__(self, index: Index, store: ObjectStore, projection: Projection | None) -> None:
+        self.index = index
+        self.store = store
+        self.projection = projection
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.observe])
+        app.router.add_route("HEAD", "/v2/{name:.+}/blobs/{digest}", self.blob, name="blob")
+        app.router.add_route("GET", "/v2/{name:.+}/blobs/{digest}", self.blob)
+        app.router.add_get("/uploads/{uuid}", self.upload, name="upload")
+        app.router.add_get("/uploads/{uuid}/verdict", self.verdict, name="verdict")
+        app.router.add_get("/healthz", self.health, name="healthz")
+        app.router.add_get("/metrics", self.metrics, name="metrics")
+        return app
+
+    @web.middleware
+    async def observe(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.name or "unmatched"
+        try:
+            response = await handler(request)
+        except web.HTTPException as http_error:
+            response = error(
+                http_error.status, http_error.reason.upper().replace(" ", "_"), http_error.reason
+            )
+        except Exception as unexpected:  # the contract is JSON errors, never a bare 500 page
+            response = error(500, "INTERNAL", f"{type(unexpected).__name__}: {unexpected}")
+        REQUESTS.labels(route, request.method, str(response.status)).inc()
+        LATENCY.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        name, digest = request.match_info["name"], request.match_info["digest"]
+        try:
+            check_repository(name)
+        except InvalidName as bad:
+            return error(400, "NAME_INVALID", str(bad))
+        try:
+            parse_digest(digest)
+        except DigestError as bad:
+            return error(400, "DIGEST_INVALID", str(bad))
+        layer = await asyncio.to_thread(self.index.layer, name, digest)
+        if layer is None:
+            return error(404, "BLOB_UNKNOWN", f"no layer {digest} in {name}")
+        headers = _layer_headers(layer)
+        if request.method == "HEAD":
+            return web.Response(status=200, headers={**headers, "Content-Length": str(layer.size)})
+        return await self._send(request, layer, headers)
+
+    async def _send(
+        self, request: web.Request, layer: LayerRow, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        status, first, last = 200, 0, layer.size - 1
+        if "Range" in request.headers:
+            try:
+                wanted = parse_range(request.headers["Range"], layer.size)
+            except BadRange as bad:
+                return error(400, "RANGE_INVALID", str(bad))
+            except Unsatisfiable:
+                return error(
+                    416,
+                    "RANGE_NOT_SATISFIABLE",
+                    f"the layer has {layer.size} bytes",
+                    **{"Content-Range": f"bytes */{layer.size}"},
+                )
+            if wanted is not None:
+                status, (first, last) = 206, wanted
+                headers["Content-Range"] = f"bytes {first}-{last}/{layer.size}"
+        length = last - first + 1
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = length
+        if length == 0:
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+        chunks = self.store.stream(layer.object_key, first, length)
+        try:
+            first_chunk = await anext(chunks)
+        except ObjectNotFound:
+            return error(
+                404, "BLOB_UNKNOWN", f"the bytes of {layer.digest} are missing from storage"
+            )
+        await response.prepare(request)
+        await response.write(first_chunk)
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def upload(self, request: web.Request) -> web.Response:
+        row = await self._upload_row(request)
+        if isinstance(row, web.Response):
+            return row
+        if row is None or row.state != UploadStates.OPEN:
+            state = row.state if row else "unknown"
+            return error(
+                404, "BLOB_UPLOAD_UNKNOWN", f"upload {request.match_info['uuid']} is {state}"
+            )
+        return web.json_response(
+            {
+                "upload_id": row.upload_id,
+                "repository": row.repository,
+                "offset": row.durable_offset,
+                "state": row.state,
+            }
+        )
+
+    async def verdict(self, request: web.Request) -> web.Response:
+        """The upload's state, waiting up to ?wait= seconds for it to become final.
+
+        With ?command=ID, a rejection of that command ends the wait too (state "rejected").
+        """
+        command_id = request.query.get("command")
+        try:
+            wait = min(float(request.query.get("wait", "0")), MAX_WAIT_SECONDS)
+        except ValueError:
+            return error(400, "WAIT_INVALID", "wait must be a number of seconds")
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            row = await self._upload_row(request)
+            if isinstance(row, web.Response):
+                return row
+            if row is not None and row.state in UploadStates.TERMINAL:
+                break
+            if command_id:
+                rejection = await asyncio.to_thread(self.index.rejection, command_id)
+                if rejection is not None:
+                    return web.json_response(
+                        {
+                            "upload_id": rejection.upload_id,
+                            "state": "rejected",
+                            "command_type": rejection.command_type,
+                            "reason": rejection.reason,
+                            "detail": rejection.detail,
+                            "expected_offset": rejection.expected_offset,
+                        }
+                    )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.projection is None:
+                break
+            async with self.projection.changed:
+                try:
+                    await asyncio.wait_for(self.projection.changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+        if row is None:
+            return error(404, "BLOB_UPLOAD_UNKNOWN", f"no upload {request.match_info['uuid']}")
+        return web.json_response(_upload_json(row))
+
+    async def _upload_row(self, request: web.Request) -> UploadRow | web.Response | None:
+        try:
+            upload_id = check_upload_id(request.match_info["uuid"])
+        except InvalidName as bad:
+            return error(400, "UPLOAD_ID_INVALID", str(bad))
+        return await asyncio.to_thread(self.index.upload, upload_id)
+
+    async def health(self, request: web.Request) -> web.Response:
+        body: dict[str, object] = {"status": "ok"}
+        if self.projection is not None:
+            body["projection_lag"] = self.projection.lag()
+            body["events_applied"] = self.projection.applied
+        return web.json_response(body)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+
+def _layer_headers(layer: LayerRow) -> dict[str, str]:
+    created = layer.committed_at_ms / 1000
+    return {
+        "Docker-Content-Digest": layer.digest,
+        "ETag": f'"{layer.digest}"',
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        "Last-Modified": email.utils.formatdate(created, usegmt=True),
+        "X-Layerlog-Created-At-Ms": str(layer.committed_at_ms),
+    }
+
+
+def _upload_json(row: UploadRow) -> dict[str, object]:
+    return {
+        "upload_id": row.upload_id,
+        "repository": row.repository,
+        "state": row.state,
+        "offset": row.durable_offset,
+        "digest": row.digest,
+        "size": row.size,
+        "reason": row.reason,
+        "detail": row.detail,
+        "expected": row.expected,
+        "actual": row.actual,
+    }

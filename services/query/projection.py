@@ -1,0 +1,107 @@
+"""Follows the events topic and applies it to the index, batch by batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from aiokafka import TopicPartition
+
+from services.core import kafka
+from services.core.codec import CODEC, DecodeError
+from services.core.processor import start_with_retry
+from services.core.records import Event
+from services.core.settings import Settings
+from services.query.index import Index
+
+log = logging.getLogger(__name__)
+
+
+class Projection:
+    def __init__(self, settings: Settings, index: Index) -> None:
+        self.settings = settings
+        self.index = index
+        self.topic = settings.events_topic
+        # Every write goes through one thread, and so through one SQLite connection.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
+        self.changed = asyncio.Condition()
+        self.positions: dict[int, int] = {}
+        self.end_offsets: dict[int, int] = {}
+        self.applied = 0
+
+    async def run(self, stop: asyncio.Event, until: dict[int, int] | None = None) -> None:
+        """Applies events until stop is set (or, given `until`, up to those offsets)."""
+        consumer = kafka.consumer(self.settings, [], None, max_poll_records=5000)
+        await start_with_retry(consumer.start, "query projection")
+        try:
+            partitions = await self._partitions(consumer)
+            consumer.assign(partitions)
+            stored = await self._in_writer(self.index.offsets, self.topic)
+            for tp in partitions:
+                if tp.partition in stored:
+                    consumer.seek(tp, stored[tp.partition])
+                else:
+                    await consumer.seek_to_beginning(tp)
+                self.positions[tp.partition] = stored.get(tp.partition, 0)
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                if not batch:
+                    await self._note_end_offsets(consumer, partitions)
+                    continue
+                rows: list[tuple[int, int, Event | None]] = []
+                for tp, records in batch.items():
+                    for record in records:
+                        rows.append((tp.partition, record.offset, self._decode(record)))
+                await self._in_writer(self.index.apply, self.topic, rows)
+                for tp, records in batch.items():
+                    self.positions[tp.partition] = records[-1].offset + 1
+                self.applied += len(rows)
+                async with self.changed:
+                    self.changed.notify_all()
+        finally:
+            await consumer.stop()
+            self.writer.shutdown(wait=True)
+
+    async def _partitions(self, consumer) -> list[TopicPartition]:  # type: ignore[no-untyped-def]
+        while True:
+            found = consumer.partitions_for_topic(self.topic)
+            if found:
+                return [TopicPartition(self.topic, p) for p in sorted(found)]
+            await consumer._client.force_metadata_update()
+            found = consumer.partitions_for_topic(self.topic)
+            if found:
+                return [TopicPartition(self.topic, p) for p in sorted(found)]
+            log.warning("topic %s has no partitions yet; waiting", self.topic)
+            await asyncio.sleep(1)
+
+    async def _note_end_offsets(self, consumer, partitions) -> None:  # type: ignore[no-untyped-def]
+        try:
+            ends = await consumer.end_offsets(partitions)
+        except Exception as error:  # lag is informational; Kafka being away is logged elsewhere
+            log.debug("end offsets unavailable: %r", error)
+            return
+        self.end_offsets = {tp.partition: offset for tp, offset in ends.items()}
+
+    def lag(self) -> int:
+        return sum(
+            max(0, end - self.positions.get(partition, 0))
+            for partition, end in self.end_offsets.items()
+        )
+
+    def _decode(self, record) -> Event | None:  # type: ignore[no-untyped-def]
+        try:
+            event = CODEC.decode(record.value or b"")
+        except DecodeError as error:
+            log.error(
+                "skipping undecodable event %s[%d]@%d: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                error,
+            )
+            return None
+        return event if isinstance(event, Event) else None
+
+    async def _in_writer(self, function, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self.writer, function, *args)

@@ -1,0 +1,304 @@
+"""Upload commands in, staging effects, upload events out.
+
+handle() never raises for bad input: a command that cannot be applied becomes a CommandRejected
+event, and bytes that are not a command at all become a dead letter. Only a failing object store
+raises (TransientError-like errors), and the processor retries the command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from services.core.codec import CODEC, DecodeError
+from services.core.digest import InvalidDigest, TarSumVersionUnsupported, parse_digest
+from services.core.names import InvalidName, check_repository, check_upload_id
+from services.core.processor import Output, dead_letter
+from services.core.records import (
+    COMMAND_TYPES,
+    AppendChunk,
+    CancelUpload,
+    ChunkAppended,
+    Command,
+    CommandRejected,
+    DeadLetterReason,
+    Event,
+    FinishUpload,
+    RejectReason,
+    StartUpload,
+    UploadCancelled,
+    UploadFinished,
+    UploadStarted,
+    derived_id,
+)
+from services.core.settings import Settings
+from services.upload_worker.staging import ChunkRecord, StagingArea, Status, UploadState
+
+log = logging.getLogger(__name__)
+
+CACHE_SIZE = 10_000
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str, expected_offset: int | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.expected_offset = expected_offset
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class CommandHandler:
+    def __init__(self, settings: Settings, staging: StagingArea) -> None:
+        self.settings = settings
+        self.staging = staging
+        # Upload states this worker wrote last, by upload id, with the partition they live in.
+        self.cache: OrderedDict[str, tuple[int, UploadState]] = OrderedDict()
+
+    def forget(self, revoked: set[TopicPartition]) -> None:
+        """Another worker may own these partitions now: its writes would make our cache stale."""
+        partitions = {tp.partition for tp in revoked if tp.topic == self.settings.commands_topic}
+        for upload_id in [u for u, (p, _) in self.cache.items() if p in partitions]:
+            del self.cache[upload_id]
+
+    async def handle(self, record: ConsumerRecord) -> list[Output]:
+        try:
+            command = CODEC.decode(record.value or b"", COMMAND_TYPES)
+        except DecodeError as error:
+            return [self.dead_letter(record, error.reason, error.detail)]
+        try:
+            events = await self.apply(command, record.partition)
+        except Rejected as rejection:
+            events = [self.rejection(command, rejection)]
+        return [
+            Output(self.settings.events_topic, event.upload_id.encode(), CODEC.encode(event))
+            for event in events
+        ]
+
+    def dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> Output:
+        return dead_letter(self.settings.dead_letter_topic, record, reason, detail)
+
+    def on_error(self, record: ConsumerRecord, error: Exception) -> list[Output]:
+        return [self.dead_letter(record, DeadLetterReason.HANDLER_ERROR, repr(error))]
+
+    async def apply(self, command: Command, partition: int) -> list[Event]:
+        try:
+            check_upload_id(command.upload_id)
+        except InvalidName as error:
+            raise Rejected(RejectReason.INVALID_UPLOAD_ID, str(error)) from None
+        state = await self._state(command.upload_id)
+        if isinstance(command, StartUpload):
+            events = await self._start(command, state, partition)
+        else:
+            if state is None:
+                raise Rejected(RejectReason.UNKNOWN_UPLOAD, f"no upload {command.upload_id}")
+            if command.repository != state.repository:
+                raise Rejected(
+                    RejectReason.REPOSITORY_MISMATCH,
+                    f"upload {command.upload_id} belongs to {state.repository!r}, "
+                    f"not {command.repository!r}",
+                )
+            if isinstance(command, AppendChunk):
+                events = await self._append(command, state, partition)
+            elif isinstance(command, FinishUpload):
+                events = await self._finish(command, state, partition)
+            else:
+                assert isinstance(command, CancelUpload)
+                events = await self._cancel(command, state, partition)
+        return events
+
+    async def _state(self, upload_id: str) -> UploadState | None:
+        cached = self.cache.get(upload_id)
+        if cached is not None:
+            self.cache.move_to_end(upload_id)
+            return cached[1]
+        return await self.staging.load(upload_id)
+
+    def _remember(self, state: UploadState, partition: int) -> None:
+        self.cache[state.upload_id] = (partition, state)
+        self.cache.move_to_end(state.upload_id)
+        while len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
+
+    async def _start(
+        self, command: StartUpload, state: UploadState | None, partition: int
+    ) -> list[Event]:
+        if state is not None and state.started_by != command.command_id:
+            raise Rejected(RejectReason.UPLOAD_EXISTS, f"upload {command.upload_id} exists already")
+        if state is None:
+            try:
+                check_repository(command.repository)
+            except InvalidName as error:
+                raise Rejected(RejectReason.INVALID_REPOSITORY, str(error)) from None
+            state = await self.staging.start(
+                command.upload_id, command.repository, command.command_id, now_ms()
+            )
+            self._remember(state, partition)
+        # else: this very command, replayed after a transaction that did not commit.
+        return [
+            UploadStarted(
+                event_id=derived_id(command.command_id, "UploadStarted"),
+                upload_id=command.upload_id,
+                repository=command.repository,
+                caused_by=command.command_id,
+                staging_key=state.staging_key,
+            )
+        ]
+
+    async def _append(
+        self, command: AppendChunk, state: UploadState, partition: int
+    ) -> list[Event]:
+        self._check_open(state)
+        length = len(command.data)
+        if length > self.settings.max_chunk_bytes:
+            raise Rejected(
+                RejectReason.CHUNK_TOO_LARGE,
+                f"chunk of {length} bytes; at most {self.settings.max_chunk_bytes} allowed",
+            )
+        if length == 0:
+            raise Rejected(RejectReason.INVALID_SIZE, "empty chunk")
+        durable = state.durable_offset
+        if command.offset != durable:
+            return self._append_elsewhere(command, state, durable)
+        digest = await _sha256(command.data)
+        record = ChunkRecord(command.offset, length, digest, command.command_id, durable + length)
+        state = await self.staging.append(state, command.data, record, now_ms())
+        self._remember(state, partition)
+        return [self._chunk_appended(command, record)]
+
+    def _append_elsewhere(
+        self, command: AppendChunk, state: UploadState, durable: int
+    ) -> list[Event]:
+        if command.offset > durable or command.offset < 0:
+            raise Rejected(
+                RejectReason.OFFSET_MISMATCH,
+                f"chunk at offset {command.offset}; the upload's durable offset is {durable}",
+                expected_offset=durable,
+            )
+        applied = next(
+            (
+                c
+                for c in state.ledger
+                if c.offset == command.offset and c.length == len(command.data)
+            ),
+            None,
+        )
+        if applied is None:
+            raise Rejected(
+                RejectReason.OFFSET_MISMATCH,
+                f"chunk at offset {command.offset} overlaps bytes already applied; "
+                f"the upload's durable offset is {durable}",
+                expected_offset=durable,
+            )
+        if hashlib.sha256(command.data).hexdigest() != applied.sha256:
+            raise Rejected(
+                RejectReason.CHUNK_CONFLICT,
+                f"different bytes at applied offset {command.offset}",
+                expected_offset=durable,
+            )
+        if applied.command_id == command.command_id:
+            # The transaction that published this chunk's event did not commit: publish it now.
+            return [self._chunk_appended(command, applied)]
+        return []  # the same bytes sent again: nothing to do
+
+    def _chunk_appended(self, command: AppendChunk, record: ChunkRecord) -> ChunkAppended:
+        return ChunkAppended(
+            event_id=derived_id(command.command_id, "ChunkAppended"),
+            upload_id=command.upload_id,
+            repository=command.repository,
+            caused_by=command.command_id,
+            offset=record.offset,
+            length=record.length,
+            durable_offset=record.durable_after,
+            chunk_sha256=record.sha256,
+        )
+
+    async def _finish(
+        self, command: FinishUpload, state: UploadState, partition: int
+    ) -> list[Event]:
+        if not (state.status == Status.FINISHED and state.closed_by == command.command_id):
+            self._check_open(state)
+            if command.size < 0:
+                raise Rejected(RejectReason.INVALID_SIZE, f"negative size {command.size}")
+            try:
+                parse_digest(command.digest)
+            except InvalidDigest as error:
+                # The client can finish again with a well-formed digest; the upload stays open.
+                # (A well-formed TarSum label of an unknown version goes on to the verifier,
+                # whose verdict fails the upload like any other digest it cannot match.)
+                raise Rejected(RejectReason.INVALID_DIGEST, str(error)) from None
+            except TarSumVersionUnsupported:
+                pass
+            finish = {
+                "command_id": command.command_id,
+                "size": command.size,
+                "digest": command.digest,
+            }
+            state = await self.staging.finish(state, finish, now_ms())
+            self._remember(state, partition)
+        return [
+            UploadFinished(
+                event_id=derived_id(command.command_id, "UploadFinished"),
+                upload_id=command.upload_id,
+                repository=command.repository,
+                caused_by=command.command_id,
+                size=command.size,
+                digest=command.digest,
+                staged_size=state.durable_offset,
+                staging_key=state.staging_key,
+            )
+        ]
+
+    async def _cancel(
+        self, command: CancelUpload, state: UploadState, partition: int
+    ) -> list[Event]:
+        durable = state.durable_offset
+        replayed = state.status == Status.CANCELLED and state.closed_by == command.command_id
+        if not replayed:
+            self._check_open(state)
+        state = await self.staging.discard(state, Status.CANCELLED, command.command_id, now_ms())
+        self._remember(state, partition)
+        return [
+            UploadCancelled(
+                event_id=derived_id(command.command_id, "UploadCancelled"),
+                upload_id=command.upload_id,
+                repository=command.repository,
+                caused_by=command.command_id,
+                durable_offset=durable,
+            )
+        ]
+
+    def _check_open(self, state: UploadState) -> None:
+        if state.status == Status.FINISHED:
+            raise Rejected(RejectReason.UPLOAD_FINISHED, f"upload {state.upload_id} is finished")
+        if state.status in (Status.CANCELLED, Status.EXPIRED):
+            raise Rejected(
+                RejectReason.UPLOAD_CANCELLED, f"upload {state.upload_id} is {state.status}"
+            )
+
+    def rejection(self, command: Command, rejection: Rejected) -> CommandRejected:
+        return CommandRejected(
+            event_id=derived_id(command.command_id, "CommandRejected"),
+            upload_id=command.upload_id,
+            repository=command.repository,
+            caused_by=command.command_id,
+            command_type=type(command).__name__,
+            reason=rejection.reason,
+            detail=rejection.detail,
+            expected_offset=rejection.expected_offset,
+        )
+
+
+async def _sha256(data: bytes) -> str:
+    # hashlib releases the GIL on large buffers, so a thread keeps the event loop responsive.
+    if len(data) < 1 << 16:
+        return hashlib.sha256(data).hexdigest()
+    return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())

@@ -1,0 +1,115 @@
+"""The verifier: on UploadFinished, checks the staged bytes and publishes the verdict.
+
+LayerCommitted makes the layer visible under its digest; LayerValidationFailed removes the staged
+bytes. The verdict is stored (verdicts/<uuid>.json) before it is published, so a verifier that
+crashes between the two publishes the same verdict when the event is replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka.structs import ConsumerRecord
+
+from services.core import objectstore
+from services.core.codec import CODEC, DecodeError
+from services.core.objectstore import ObjectNotFound, ObjectStore
+from services.core.processor import Output, Processor, dead_letter
+from services.core.records import (
+    DeadLetterReason,
+    Event,
+    LayerCommitted,
+    LayerValidationFailed,
+    UploadFinished,
+    derived_id,
+    now,
+)
+from services.core.settings import Settings
+from services.verifier.verdicts import Judge, Verdict, verdict_key
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "layerlog-verifier"
+
+
+class Verifier:
+    def __init__(self, settings: Settings, store: ObjectStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.judge = Judge(store)
+
+    async def handle(self, record: ConsumerRecord) -> list[Output]:
+        try:
+            event = CODEC.decode(record.value or b"")
+        except DecodeError as error:
+            # Not ours to fix: the events topic is written by the services; keep it visible.
+            return [self.dead_letter(record, error.reason, error.detail)]
+        if not isinstance(event, UploadFinished):
+            return []
+        verdict = await self.decide(event)
+        published = self.verdict_event(event, verdict)
+        return [
+            Output(self.settings.events_topic, event.upload_id.encode(), CODEC.encode(published))
+        ]
+
+    async def decide(self, event: UploadFinished) -> Verdict:
+        key = verdict_key(event.upload_id)
+        try:
+            verdict = Verdict.from_json(await self.store.get(key))
+        except ObjectNotFound:
+            verdict = await self.judge.judge(
+                event.staging_key, event.size, event.staged_size, event.digest
+            )
+            if verdict.committed:
+                verdict = await self.judge.deduplicate(event.digest, verdict)
+            await self.store.put(key, verdict.to_json())
+        if not verdict.committed:
+            await self.store.delete_prefix(f"uploads/{event.upload_id}/")
+        return verdict
+
+    def verdict_event(self, event: UploadFinished, verdict: Verdict) -> Event:
+        common = {
+            "upload_id": event.upload_id,
+            "repository": event.repository,
+            "caused_by": event.caused_by,
+        }
+        if verdict.committed:
+            return LayerCommitted(
+                event_id=derived_id(event.event_id, "LayerCommitted"),
+                digest=event.digest,
+                size=event.size,
+                object_key=verdict.object_key,
+                committed_at=now(),
+                blob_sha256=verdict.blob_sha256,
+                **common,  # type: ignore[arg-type]
+            )
+        return LayerValidationFailed(
+            event_id=derived_id(event.event_id, "LayerValidationFailed"),
+            reason=verdict.reason,
+            expected=verdict.expected,
+            actual=verdict.actual,
+            detail=verdict.detail,
+            **common,  # type: ignore[arg-type]
+        )
+
+    def dead_letter(self, record: ConsumerRecord, reason: str, detail: str) -> Output:
+        return dead_letter(self.settings.dead_letter_topic, record, reason, detail)
+
+    def on_error(self, record: ConsumerRecord, error: Exception) -> list[Output]:
+        return [self.dead_letter(record, DeadLetterReason.HANDLER_ERROR, repr(error))]
+
+
+async def run(settings: Settings, instance_id: str, stop: asyncio.Event) -> None:
+    verifier = Verifier(settings, ObjectStore(settings))
+    processor = Processor(
+        settings,
+        name="verifier",
+        instance_id=instance_id,
+        input_topic=settings.events_topic,
+        group_id=GROUP_ID,
+        handle=verifier.handle,
+        is_transient=objectstore.is_transient,
+        on_error=verifier.on_error,
+    )
+    await processor.run(stop)

@@ -1,0 +1,109 @@
+"""Judging a finished upload: size and digest checked in one streaming read of the staged bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from services.core.digest import (
+    InvalidDigest,
+    MalformedLayer,
+    StreamingVerifier,
+    TarSumVersionUnsupported,
+    parse_digest,
+)
+from services.core.objectstore import ObjectNotFound, ObjectStore
+from services.core.records import FailureReason
+
+READ_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the verifier decided; stored before it is published so a replay decides the same."""
+
+    committed: bool
+    object_key: str = ""
+    blob_sha256: str = ""
+    reason: str = ""
+    expected: str = ""
+    actual: str = ""
+    detail: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Verdict:
+        return cls(**json.loads(data))
+
+
+def verdict_key(upload_id: str) -> str:
+    return f"verdicts/{upload_id}.json"
+
+
+def pointer_key(digest: str) -> str:
+    algorithm, _, hex_value = digest.partition(":")
+    return f"blobs/{algorithm}/{hex_value}"
+
+
+def failed(reason: str, expected: str, actual: str, detail: str) -> Verdict:
+    return Verdict(False, reason=reason, expected=expected, actual=actual, detail=detail)
+
+
+class Judge:
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    async def judge(self, staging_key: str, size: int, staged_size: int, digest: str) -> Verdict:
+        try:
+            claimed = parse_digest(digest)
+        except TarSumVersionUnsupported as error:
+            return failed(FailureReason.TARSUM_VERSION_UNSUPPORTED, digest, "", str(error))
+        except InvalidDigest as error:
+            return failed(FailureReason.INVALID_DIGEST, digest, "", str(error))
+        if size != staged_size:
+            return failed(
+                FailureReason.INVALID_LENGTH,
+                str(size),
+                str(staged_size),
+                f"the client said {size} bytes; {staged_size} were uploaded",
+            )
+        verifier = StreamingVerifier({claimed.algorithm, "sha256"})
+        try:
+            async for chunk in self.store.stream(staging_key, chunk_size=READ_SIZE):
+                await asyncio.to_thread(verifier.update, chunk)
+            computed = await asyncio.to_thread(verifier.finish)
+        except ObjectNotFound:
+            return failed(FailureReason.MISSING_DATA, digest, "", f"{staging_key} is gone")
+        except MalformedLayer as error:
+            return failed(FailureReason.MALFORMED_LAYER, digest, "", str(error))
+        actual = str(computed[claimed.algorithm])
+        if actual != str(claimed):
+            return failed(
+                FailureReason.INVALID_DIGEST,
+                str(claimed),
+                actual,
+                "the uploaded bytes have a different digest",
+            )
+        return Verdict(True, object_key=staging_key, blob_sha256=str(computed["sha256"]))
+
+    async def deduplicate(self, digest: str, verdict: Verdict) -> Verdict:
+        """One stored copy per digest: a second upload of known bytes points at the first copy."""
+        key = pointer_key(digest)
+        try:
+            existing = json.loads(await self.store.get(key))["object_key"]
+        except ObjectNotFound:
+            await self.store.put(key, json.dumps({"object_key": verdict.object_key}).encode())
+            return verdict
+        if existing == verdict.object_key:
+            return verdict
+        try:
+            await self.store.stat(existing)
+        except ObjectNotFound:
+            # The first copy is gone (removed by an operator): this upload's copy takes its place.
+            await self.store.put(key, json.dumps({"object_key": verdict.object_key}).encode())
+            return verdict
+        await self.store.delete(verdict.object_key)
+        return Verdict(True, object_key=existing, blob_sha256=verdict.blob_sha256)
