@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -54,11 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
         ("verifier", "check finished uploads and publish LayerCommitted or a failure"),
     ):
         service = sub.add_parser(name, help=about, description=about)
-        service.add_argument(
-            "--instance-id",
-            default=os.environ.get("LAYERLOG_INSTANCE_ID") or socket.gethostname(),
-            help="unique per replica; names its Kafka transactional id (default: host name)",
-        )
         service.set_defaults(handler=_run_service, service=name)
 
     query = sub.add_parser("query", help="serve Exists/Fetch from the index projected from events")
@@ -106,11 +100,11 @@ def _run_service(args: argparse.Namespace) -> int:
         if args.service == "upload-worker":
             from services.upload_worker import service
 
-            await service.run(settings, args.instance_id, stop)
+            await service.run(settings, stop)
         elif args.service == "verifier":
             from services.verifier import service
 
-            await service.run(settings, args.instance_id, stop)
+            await service.run(settings, stop)
         else:
             from services.query import service
 

@@ -84,17 +84,16 @@ async def store(settings: Settings) -> ObjectStore:
 class ServiceProcess:
     """One service in its own process, as in production; stopped by its pid."""
 
-    def __init__(self, name: str, settings: Settings, log_dir: Path, *args: str) -> None:
+    def __init__(self, name: str, settings: Settings, log_dir: Path, label: str = "1") -> None:
         self.name = name
-        self.args = args
         self.settings = settings
-        self.log_path = log_dir / f"{name}-{'-'.join(args) or 'default'}.log"
+        self.log_path = log_dir / f"{name}-{label}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", self.name, *self.args],
+            [sys.executable, "-m", "services.cli", self.name],
             env=settings_env(self.settings),
             cwd=ROOT,
             stdout=log,
@@ -141,8 +140,8 @@ async def stack_services(
     """The three services, running for the whole session."""
     logs = tmp_path_factory.mktemp("service-logs")
     running = {
-        "upload-worker": ServiceProcess("upload-worker", settings, logs, "--instance-id", "w1"),
-        "verifier": ServiceProcess("verifier", settings, logs, "--instance-id", "v1"),
+        "upload-worker": ServiceProcess("upload-worker", settings, logs),
+        "verifier": ServiceProcess("verifier", settings, logs),
         "query": ServiceProcess("query", settings, logs),
     }
     for service in running.values():

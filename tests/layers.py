@@ -35,3 +35,23 @@ def uneven_pieces(data: bytes, seed: int, smallest: int = 1, largest: int = 300_
         pieces.append(data[position : position + size])
         position += size
     return pieces
+
+
+def random_gzip_layer(seed: int, size: int) -> bytes:
+    """A gzip tar of about `size` bytes: a few files of half-random, half-repetitive content,
+    so that gzip works but does not shrink it much."""
+    rng = random.Random(seed)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        remaining, number = size, 0
+        while remaining > 0:
+            length = min(remaining, rng.randint(1, 4) << 20)
+            noise = rng.randbytes(length // 2)
+            data = (noise + noise[: length - len(noise)])[:length]
+            info = tarfile.TarInfo(f"usr/lib/blob-{seed}-{number}")
+            info.size = len(data)
+            info.mtime = 1_700_000_000
+            archive.addfile(info, io.BytesIO(data))
+            remaining -= length
+            number += 1
+    return gzip.compress(buffer.getvalue(), compresslevel=1, mtime=0)

@@ -97,6 +97,7 @@ def sample(name: str) -> object:
         "source_offset": 10,
         "key": b"k",
         "original": b"o",
+        "ttl_seconds": 11,
     }
     cls = RECORD_TYPES[name]
     return cls(**{f: values[f] for f in cls.__dataclass_fields__ if f != "schema_version"})

@@ -34,7 +34,7 @@ async def push(service: LayerService, name: str, data: bytes) -> str:
 
 async def test_two_workers_share_the_partitions(settings, stack_services, tmp_path):
     first = stack_services["upload-worker"]
-    second = ServiceProcess("upload-worker", settings, tmp_path, "--instance-id", "w2").start()
+    second = ServiceProcess("upload-worker", settings, tmp_path, label="2").start()
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -161,6 +161,17 @@ class ObjectStore:
 
         return await asyncio.to_thread(delete_all)
 
+    async def list_modified(self, prefix: str) -> list[tuple[str, float]]:
+        """(key, last-modified as a Unix time) of every object under prefix."""
+
+        def keys() -> list[tuple[str, float]]:
+            return [
+                (item.object_name, item.last_modified.timestamp() if item.last_modified else 0.0)
+                for item in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            ]
+
+        return await asyncio.to_thread(keys)
+
     async def list_keys(self, prefix: str) -> list[str]:
         def keys() -> list[str]:
             return [

@@ -1,9 +1,14 @@
 """Consume, apply, publish: the loop the upload worker and the verifier share.
 
-Each batch of input records is applied (the effects on object storage are idempotent, so applying
-a record twice changes nothing), then the resulting records and the input offsets are committed in
-one Kafka transaction. A crash anywhere before that commit replays the batch; a crash after it
-never does. So every input record's outputs appear exactly once in the read_committed log.
+Records are applied partition by partition (the effects on object storage are idempotent, so
+applying a record twice changes nothing); then the resulting records and the partition's input
+offset are committed in one Kafka transaction. A crash before that commit replays the records; a
+crash after it never does. So each input record's outputs appear once in the read_committed log.
+
+Zombies are fenced the pre-KIP-447 way, which is what aiokafka supports: one transactional id per
+input partition. Whoever takes a partition over initialises that id first, which aborts (or
+completes) whatever the previous owner left open and makes any later commit of the previous owner
+fail; only then does it read the partition's committed offset and start from there.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord
 
 from services.core import kafka
+from services.core.codec import CODEC
+from services.core.records import DeadLetter
 from services.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,27 +43,21 @@ class Output:
 Handler = Callable[[ConsumerRecord], Awaitable[list[Output]]]
 
 
-class TransientError(Exception):
-    """An effect failed for a reason that passes (a server down); the record is retried."""
-
-
 def backoff(attempt: int) -> float:
     """Capped exponential backoff with jitter, so replicas do not retry in lockstep."""
     ceiling = min(MAX_BACKOFF_SECONDS, 0.1 * 2**attempt)
     return ceiling / 2 + random.random() * ceiling / 2
 
 
-class _Revocations(ConsumerRebalanceListener):
-    def __init__(self, name: str, on_revoked: Callable[[set[TopicPartition]], None]) -> None:
-        self.name = name
-        self.on_revoked = on_revoked
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self.on_revoked(set(revoked))
+        await self.processor.release(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        partitions = sorted(tp.partition for tp in assigned)
-        log.info("%s: assigned partitions %s", self.name, partitions)
+        await self.processor.take_over(set(assigned))
 
 
 class Processor:
@@ -65,7 +66,6 @@ class Processor:
         settings: Settings,
         *,
         name: str,
-        instance_id: str,
         input_topic: str,
         group_id: str,
         handle: Handler,
@@ -76,64 +76,101 @@ class Processor:
     ) -> None:
         self.settings = settings
         self.name = name
-        # A stable transactional id lets a restarted instance fence its dead predecessor and abort
-        # its open transaction at once, instead of read_committed readers waiting for a timeout.
-        self.transactional_id = f"layerlog-{name}-{instance_id}"
         self.input_topic = input_topic
         self.group_id = group_id
         self.handle = handle
         self.is_transient = is_transient
         self.on_error = on_error
-        self.listener = _Revocations(name, on_revoked)
+        self.on_revoked = on_revoked
         self.max_records = max_records
-        self.batches = 0
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producers: dict[int, AIOKafkaProducer] = {}
+        # Held while a batch is applied and committed: a revocation waits for the commit, so the
+        # next owner reads offsets that include it.
+        self.in_flight = asyncio.Lock()
+        self.stop = asyncio.Event()
+
+    def owned_partitions(self) -> set[int]:
+        """The input partitions this replica owns right now."""
+        if self.consumer is None:
+            return set()
+        return {tp.partition for tp in self.consumer.assignment()}
+
+    def partition_count(self) -> int:
+        if self.consumer is None:
+            return 0
+        return len(self.consumer.partitions_for_topic(self.input_topic) or ())
 
     async def run(self, stop: asyncio.Event) -> None:
+        self.stop = stop
         consumer = kafka.consumer(self.settings, [], self.group_id)
-        consumer.subscribe([self.input_topic], listener=self.listener)
-        producer = self._producer()
+        self.consumer = consumer
+        consumer.subscribe([self.input_topic], listener=_Rebalance(self))
         await start_with_retry(consumer.start, f"{self.name} consumer")
-        await start_with_retry(producer.start, f"{self.name} producer")
-        log.info("%s: consuming %s as %s", self.name, self.input_topic, self.transactional_id)
+        log.info("%s: consuming %s in group %s", self.name, self.input_topic, self.group_id)
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
                 if not batch:
                     continue
-                outputs = await self._apply(batch, stop)
-                if outputs is None:  # stopping mid-batch: nothing committed, the batch replays
-                    break
-                producer = await self._publish(consumer, producer, batch, outputs)
-                self.batches += 1
+                async with self.in_flight:
+                    await asyncio.gather(
+                        *(self._process(tp, records) for tp, records in batch.items())
+                    )
         finally:
-            await producer.stop()
             await consumer.stop()
+            for producer in self.producers.values():
+                await _stop_quietly(producer)
 
-    def _producer(self):  # type: ignore[no-untyped-def]
-        return kafka.producer(
-            self.settings, transactional_id=self.transactional_id, transaction_timeout_ms=30_000
-        )
+    # Partition ownership
 
-    async def _apply(
-        self, batch: dict[TopicPartition, list[ConsumerRecord]], stop: asyncio.Event
-    ) -> list[Output] | None:
-        async def partition(records: list[ConsumerRecord]) -> list[Output] | None:
-            produced: list[Output] = []
-            for record in records:
-                result = await self._apply_one(record, stop)
-                if result is None:
-                    return None
-                produced += result
-            return produced
+    async def take_over(self, assigned: set[TopicPartition]) -> None:
+        log.info("%s: assigned partitions %s", self.name, sorted(tp.partition for tp in assigned))
+        assert self.consumer is not None
+        for tp in assigned:
+            # A fresh producer every time: one kept from an earlier turn may have been fenced
+            # by the replica that owned the partition in between. Starting it fences that one.
+            await self._forget_producer(tp.partition)
+            await self._producer(tp.partition)
+            committed = await self.consumer.committed(tp)
+            if committed is not None:
+                self.consumer.seek(tp, committed)
 
-        # Partitions are independent (an upload lives in one), so they are applied concurrently;
-        # within a partition, order is the upload's order.
-        results = await asyncio.gather(*(partition(records) for records in batch.values()))
-        if any(result is None for result in results):
-            return None
-        return [output for result in results for output in result or []]
+    async def release(self, revoked: set[TopicPartition]) -> None:
+        async with self.in_flight:
+            self.on_revoked(revoked)
+            for tp in revoked:
+                await self._forget_producer(tp.partition)
 
-    async def _apply_one(self, record: ConsumerRecord, stop: asyncio.Event) -> list[Output] | None:
+    async def _producer(self, partition: int) -> AIOKafkaProducer:
+        producer = self.producers.get(partition)
+        if producer is None:
+            producer = kafka.producer(
+                self.settings,
+                transactional_id=f"layerlog-{self.name}-{self.input_topic}-{partition}",
+                transaction_timeout_ms=30_000,
+            )
+            await start_with_retry(producer.start, f"{self.name} producer {partition}")
+            self.producers[partition] = producer
+        return producer
+
+    async def _forget_producer(self, partition: int) -> None:
+        producer = self.producers.pop(partition, None)
+        if producer is not None:
+            await _stop_quietly(producer)
+
+    # Applying and committing
+
+    async def _process(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        outputs: list[Output] = []
+        for record in records:
+            result = await self._apply_one(record)
+            if result is None:  # stopping: nothing committed, the records replay
+                return
+            outputs += result
+        await self._commit(tp, records, outputs)
+
+    async def _apply_one(self, record: ConsumerRecord) -> list[Output] | None:
         attempt = 0
         while True:
             try:
@@ -150,7 +187,7 @@ class Processor:
                         record.offset,
                     )
                     return self.on_error(record, error)
-                if stop.is_set():
+                if self.stop.is_set():
                     return None
                 attempt += 1
                 delay = backoff(attempt)
@@ -165,45 +202,55 @@ class Processor:
                 )
                 await asyncio.sleep(delay)
 
-    async def _publish(self, consumer, producer, batch, outputs):  # type: ignore[no-untyped-def]
-        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
+    async def _commit(
+        self, tp: TopicPartition, records: list[ConsumerRecord], outputs: list[Output]
+    ) -> None:
+        assert self.consumer is not None
+        next_offset = records[-1].offset + 1
+        producer = await self._producer(tp.partition)
+        sends: list[asyncio.Future[object]] = []
+        try:
+            async with producer.transaction():
+                for output in outputs:
+                    sends.append(await producer.send(output.topic, output.value, key=output.key))
+                await producer.send_offsets_to_transaction({tp: next_offset}, self.group_id)
+            await asyncio.gather(*sends)
+            return
+        except ProducerFenced:
+            # Another replica owns the partition now and has aborted our transaction.
+            log.warning("%s: fenced on partition %d; leaving it", self.name, tp.partition)
+            await self._forget_producer(tp.partition)
+            return
+        except KafkaError as error:
+            log.warning("%s: commit on partition %d failed: %r", self.name, tp.partition, error)
+            await self._forget_producer(tp.partition)
+        finally:
+            # The sends share the transaction's fate; collect their errors so none goes unread.
+            await asyncio.gather(*sends, return_exceptions=True)
+        # The commit's outcome is unknown. Initialising the transactional id again settles it
+        # (completes or aborts it); the committed offset then says which, and an aborted batch is
+        # applied again from its first record rather than its outputs being sent blindly twice.
         attempt = 0
-        while True:
+        while not self.stop.is_set():
             try:
-                async with producer.transaction():
-                    sends = [
-                        await producer.send(out.topic, out.value, key=out.key) for out in outputs
-                    ]
-                    await producer.send_offsets_to_transaction(offsets, self.group_id)
-                await asyncio.gather(*sends)
-                return producer
+                await self._producer(tp.partition)
+                committed = await self.consumer.committed(tp)
+                break
             except KafkaError as error:
                 attempt += 1
-                delay = backoff(attempt)
-                log.warning(
-                    "%s: transaction failed (%r); retrying in %.1fs", self.name, error, delay
-                )
-                # The producer may be in an unusable state after a failed transaction; a new one
-                # with the same transactional id aborts what the old one left open.
-                await _stop_quietly(producer)
-                await asyncio.sleep(delay)
-                producer = self._producer()
-                await start_with_retry(producer.start, f"{self.name} producer")
-                if not consumer.assignment().issuperset(offsets):
-                    # We lost partitions during the outage: their new owner replays the batch.
-                    log.warning(
-                        "%s: partitions moved during the outage; batch left to them", self.name
-                    )
-                    for tp in consumer.assignment() & set(offsets):
-                        consumer.seek(tp, batch[tp][0].offset)
-                    return producer
+                await asyncio.sleep(backoff(attempt))
+                log.warning("%s: settling partition %d: %r", self.name, tp.partition, error)
+        else:
+            return
+        if (committed or 0) < next_offset and tp in self.consumer.assignment():
+            self.consumer.seek(tp, records[0].offset)
 
 
-async def _stop_quietly(producer) -> None:  # type: ignore[no-untyped-def]
+async def _stop_quietly(producer: AIOKafkaProducer) -> None:
     try:
         await producer.stop()
     except Exception as error:
-        log.debug("ignored while stopping a failed producer: %r", error)
+        log.debug("ignored while stopping a producer: %r", error)
 
 
 async def start_with_retry(start: Callable[[], Awaitable[None]], what: str) -> None:
@@ -221,9 +268,6 @@ async def start_with_retry(start: Callable[[], Awaitable[None]], what: str) -> N
 
 def dead_letter(topic: str, record: ConsumerRecord, reason: str, detail: str) -> Output:
     """Keeps a record that cannot be applied, byte for byte, with the reason."""
-    from services.core.codec import CODEC
-    from services.core.records import DeadLetter
-
     log.warning(
         "dead-lettered %s[%d]@%d: %s", record.topic, record.partition, record.offset, detail
     )

@@ -65,7 +65,21 @@ class CancelUpload(Command):
     pass
 
 
-COMMAND_TYPES: tuple[type[Command], ...] = (StartUpload, AppendChunk, FinishUpload, CancelUpload)
+@dataclass(frozen=True, kw_only=True)
+class ExpireUpload(Command):
+    """Put on the commands topic by the worker itself, so expiry is ordered with the upload's
+    other commands and cannot race a chunk arriving at the same moment."""
+
+    ttl_seconds: int
+
+
+COMMAND_TYPES: tuple[type[Command], ...] = (
+    StartUpload,
+    AppendChunk,
+    FinishUpload,
+    CancelUpload,
+    ExpireUpload,
+)
 
 
 # Events: what happened, on the events topic (kept forever), keyed by upload_id.

@@ -45,6 +45,8 @@ class Settings:
     part_size: int = S3_MIN_PART_SIZE
     index_path: str = "layerlog-index.sqlite"
     upload_ttl_seconds: int = 7 * 24 * 3600
+    # How often each upload worker looks for idle uploads in the partitions it owns.
+    expiry_interval_seconds: int = 600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +100,12 @@ class Settings:
         if self.upload_ttl_seconds < 1:
             raise SettingsError(
                 f"LAYERLOG_UPLOAD_TTL_SECONDS must be at least 1, got {self.upload_ttl_seconds}"
+            )
+
+        if self.expiry_interval_seconds < 1:
+            raise SettingsError(
+                "LAYERLOG_EXPIRY_INTERVAL_SECONDS must be at least 1, "
+                f"got {self.expiry_interval_seconds}"
             )
 
     @property

@@ -189,15 +189,19 @@ class Index:
 
     # Writes
 
-    def apply(self, topic: str, events: Iterable[tuple[int, int, Event | None]]) -> None:
-        """Applies (partition, offset, event) in order; None marks a record to skip."""
+    def apply(
+        self, topic: str, events: Iterable[Event | None], next_offsets: dict[int, int]
+    ) -> None:
+        """Applies events in order and stores, per partition, the offset to read next.
+
+        The offsets come from the consumer's position rather than the last record's offset, so
+        that the commit markers of transactions after it are not read again.
+        """
         db = self._connection()
-        next_offsets: dict[int, int] = {}
         with db:
-            for partition, offset, event in events:
+            for event in events:
                 if event is not None:
                     self._apply_one(db, event)
-                next_offsets[partition] = offset + 1
             db.executemany(
                 "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
                 "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",

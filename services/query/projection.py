@@ -45,17 +45,24 @@ class Projection:
                     await consumer.seek_to_beginning(tp)
                 self.positions[tp.partition] = stored.get(tp.partition, 0)
             while not stop.is_set():
+                if until is not None and self._reached(until):
+                    return
                 batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                if until is not None:
+                    batch = self._cut(batch, until)
                 if not batch:
                     await self._note_end_offsets(consumer, partitions)
+                    await self._store_idle_positions(consumer, partitions, until)
                     continue
-                rows: list[tuple[int, int, Event | None]] = []
+                rows = [self._decode(r) for records in batch.values() for r in records]
+                positions = {}
                 for tp, records in batch.items():
-                    for record in records:
-                        rows.append((tp.partition, record.offset, self._decode(record)))
-                await self._in_writer(self.index.apply, self.topic, rows)
-                for tp, records in batch.items():
-                    self.positions[tp.partition] = records[-1].offset + 1
+                    position = max(records[-1].offset + 1, await consumer.position(tp))
+                    if until is not None:
+                        position = min(position, until.get(tp.partition, position))
+                    positions[tp.partition] = position
+                await self._in_writer(self.index.apply, self.topic, rows, positions)
+                self.positions.update(positions)
                 self.applied += len(rows)
                 async with self.changed:
                     self.changed.notify_all()
@@ -82,6 +89,34 @@ class Projection:
             log.debug("end offsets unavailable: %r", error)
             return
         self.end_offsets = {tp.partition: offset for tp, offset in ends.items()}
+
+    async def _store_idle_positions(self, consumer, partitions, until) -> None:  # type: ignore[no-untyped-def]
+        """With nothing to read, the position still moves past trailing commit markers; storing
+        it lets the stored offsets reach the log's end offsets."""
+        moved = {}
+        for tp in partitions:
+            position = await consumer.position(tp)
+            if until is not None:
+                position = min(position, until.get(tp.partition, position))
+            if position > self.positions.get(tp.partition, 0):
+                moved[tp.partition] = position
+        if moved:
+            await self._in_writer(self.index.apply, self.topic, [], moved)
+            self.positions.update(moved)
+
+    def _reached(self, until: dict[int, int]) -> bool:
+        return all(self.positions.get(p, 0) >= offset for p, offset in until.items())
+
+    @staticmethod
+    def _cut(batch, until: dict[int, int]):  # type: ignore[no-untyped-def]
+        """Drops records at or past the cut, so a replay stops exactly there."""
+        kept = {}
+        for tp, records in batch.items():
+            limit = until.get(tp.partition, 0)
+            inside = [r for r in records if r.offset < limit]
+            if inside:
+                kept[tp] = inside
+        return kept
 
     def lag(self) -> int:
         return sum(

@@ -28,10 +28,12 @@ from services.core.records import (
     CommandRejected,
     DeadLetterReason,
     Event,
+    ExpireUpload,
     FinishUpload,
     RejectReason,
     StartUpload,
     UploadCancelled,
+    UploadExpired,
     UploadFinished,
     UploadStarted,
     derived_id,
@@ -97,6 +99,8 @@ class CommandHandler:
         state = await self._state(command.upload_id)
         if isinstance(command, StartUpload):
             events = await self._start(command, state, partition)
+        elif isinstance(command, ExpireUpload):
+            events = await self._expire(command, state, partition)
         else:
             if state is None:
                 raise Rejected(RejectReason.UNKNOWN_UPLOAD, f"no upload {command.upload_id}")
@@ -273,6 +277,31 @@ class CommandHandler:
                 repository=command.repository,
                 caused_by=command.command_id,
                 durable_offset=durable,
+            )
+        ]
+
+    async def _expire(
+        self, command: ExpireUpload, state: UploadState | None, partition: int
+    ) -> list[Event]:
+        # Re-checked here, in the upload's own order: a chunk that arrived after the scan
+        # found the upload idle makes this a no-op. Never a rejection: no client sent it.
+        if state is None:
+            return []
+        replayed = state.status == Status.EXPIRED and state.closed_by == command.command_id
+        idle_ms = now_ms() - state.updated_ms
+        if not replayed and (state.status != Status.OPEN or idle_ms < command.ttl_seconds * 1000):
+            return []
+        durable = state.durable_offset
+        state = await self.staging.discard(state, Status.EXPIRED, command.command_id, now_ms())
+        self._remember(state, partition)
+        return [
+            UploadExpired(
+                event_id=derived_id(command.command_id, "UploadExpired"),
+                upload_id=command.upload_id,
+                repository=state.repository,
+                caused_by=command.command_id,
+                durable_offset=durable,
+                idle_seconds=max(0, idle_ms // 1000),
             )
         ]
 

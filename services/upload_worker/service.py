@@ -1,7 +1,6 @@
 """The upload worker: consumes upload commands, stages chunks in object storage, emits events.
 
-Replicas share the commands topic's partitions through the consumer group `layerlog-upload-worker`;
-each needs its own instance id (it names the Kafka transactional id).
+Replicas share the commands topic's partitions through the consumer group `layerlog-upload-worker`.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from services.core import objectstore
 from services.core.objectstore import ObjectStore
 from services.core.processor import Processor
 from services.core.settings import Settings
+from services.upload_worker.expiry import Expiry
 from services.upload_worker.handler import CommandHandler
 from services.upload_worker.staging import StagingArea
 
@@ -21,12 +21,13 @@ log = logging.getLogger(__name__)
 GROUP_ID = "layerlog-upload-worker"
 
 
-async def run(settings: Settings, instance_id: str, stop: asyncio.Event) -> None:
-    handler = CommandHandler(settings, StagingArea(ObjectStore(settings), settings.part_size))
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    store = ObjectStore(settings)
+    staging = StagingArea(store, settings.part_size)
+    handler = CommandHandler(settings, staging)
     processor = Processor(
         settings,
         name="upload-worker",
-        instance_id=instance_id,
         input_topic=settings.commands_topic,
         group_id=GROUP_ID,
         handle=handler.handle,
@@ -34,4 +35,10 @@ async def run(settings: Settings, instance_id: str, stop: asyncio.Event) -> None
         on_error=handler.on_error,
         on_revoked=handler.forget,
     )
-    await processor.run(stop)
+    expiry = Expiry(settings, store, staging, processor.owned_partitions, processor.partition_count)
+    scanning = asyncio.create_task(expiry.run(stop))
+    try:
+        await processor.run(stop)
+    finally:
+        stop.set()
+        await scanning

@@ -87,8 +87,11 @@ def staging_key(upload_id: str) -> str:
     return f"uploads/{upload_id}/data"
 
 
+STATE_PREFIX = "upload-state/"
+
+
 def state_key(upload_id: str) -> str:
-    return f"upload-state/{upload_id}.json"
+    return f"{STATE_PREFIX}{upload_id}.json"
 
 
 class StagingArea:

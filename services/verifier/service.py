@@ -100,12 +100,11 @@ class Verifier:
         return [self.dead_letter(record, DeadLetterReason.HANDLER_ERROR, repr(error))]
 
 
-async def run(settings: Settings, instance_id: str, stop: asyncio.Event) -> None:
+async def run(settings: Settings, stop: asyncio.Event) -> None:
     verifier = Verifier(settings, ObjectStore(settings))
     processor = Processor(
         settings,
         name="verifier",
-        instance_id=instance_id,
         input_topic=settings.events_topic,
         group_id=GROUP_ID,
         handle=verifier.handle,

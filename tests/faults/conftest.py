@@ -1,0 +1,78 @@
+"""A pipeline of its own for each fault test module: fresh topics and bucket, services that the
+test kills and restarts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from services.core.objectstore import ObjectStore
+from services.core.provision import provision
+from services.core.settings import Settings
+from tests.conftest import ServiceProcess, free_port, wait_for_query
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.services = {
+            "upload-worker": ServiceProcess("upload-worker", settings, log_dir),
+            "verifier": ServiceProcess("verifier", settings, log_dir),
+            "query": ServiceProcess("query", settings, log_dir),
+        }
+
+    def __getitem__(self, name: str) -> ServiceProcess:
+        return self.services[name]
+
+    async def start(self) -> None:
+        for service in self.services.values():
+            service.start()
+        await wait_for_query(self.settings)
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            service.stop()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {s.name}:\n"
+            + "\n".join(s.log_path.read_text(errors="replace").splitlines()[-15:])
+            for s in self.services.values()
+            if s.log_path.exists()
+        )
+
+
+@pytest.fixture()
+async def fault_settings(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
+    run = uuid.uuid4().hex[:10]
+    port = free_port()
+    fresh = replace(
+        settings,
+        commands_topic=f"fault-{run}.commands",
+        events_topic=f"fault-{run}.events",
+        dead_letter_topic=f"fault-{run}.dead-letter",
+        bucket=f"layerlog-fault-{run}",
+        query_listen=f"127.0.0.1:{port}",
+        query_url=f"http://127.0.0.1:{port}",
+        index_path=str(tmp_path / "index.sqlite"),
+    )
+    await provision(fresh, timeout=60)
+    yield fresh
+
+
+@pytest.fixture()
+async def pipeline(fault_settings: Settings, tmp_path: Path) -> AsyncIterator[Pipeline]:
+    running = Pipeline(fault_settings, tmp_path)
+    await running.start()
+    yield running
+    running.stop()
+    print(running.logs())
+
+
+@pytest.fixture()
+def fault_store(fault_settings: Settings) -> ObjectStore:
+    return ObjectStore(fault_settings)
