@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+from aiokafka.errors import KafkaError
 
 from services.client.errors import (
     VERDICT_ERRORS,
@@ -69,7 +70,7 @@ class LayerService:
     async def upload(self, name: str) -> LayerUpload:
         _check_name(name)
         upload = LayerUpload(self, str(uuid.uuid4()), name, 0)
-        await self._send(StartUpload(upload_id=upload.uuid, repository=name))
+        await self._deliver([StartUpload(upload_id=upload.uuid, repository=name)])
         return upload
 
     async def resume(self, upload_id: str) -> LayerUpload:
@@ -104,11 +105,39 @@ class LayerService:
             raise LayerError("LayerService is not started: use `async with LayerService()`")
         return self._http
 
-    async def _send(self, command: Command) -> asyncio.Future[Any]:
-        """Queues a command; the returned future resolves once Kafka has it."""
-        return await self._producer.send(
-            self.settings.commands_topic, CODEC.encode(command), key=command.upload_id.encode()
-        )
+    async def _deliver(self, commands: list[Command]) -> None:
+        """Puts the commands on Kafka in order, retrying through a broker outage.
+
+        After a failure, everything from the first undelivered command on is sent again, so the
+        worker never sees a chunk after a gap; a command that did arrive twice is recognised by
+        its command id and changes nothing.
+        """
+        deadline = time.monotonic() + self.finish_timeout
+        pending, attempt = commands, 0
+        while pending:
+            deliveries: list[asyncio.Future[Any]] = []
+            try:
+                for command in pending:
+                    deliveries.append(
+                        await self._producer.send(
+                            self.settings.commands_topic,
+                            CODEC.encode(command),
+                            key=command.upload_id.encode(),
+                        )
+                    )
+            except KafkaError:
+                pass  # the futures gathered so far say how far it got
+            results = await asyncio.gather(*deliveries, return_exceptions=True)
+            failed = next(
+                (i for i, r in enumerate(results) if isinstance(r, BaseException)), len(results)
+            )
+            pending = pending[failed:]
+            if not pending:
+                return
+            attempt += 1
+            if time.monotonic() > deadline:
+                raise LayerError(f"Kafka did not take the upload's commands: {results[failed:]!r}")
+            await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
 
     async def _head(self, name: str, digest: str) -> dict[str, str] | None:
         _check_name(name)
@@ -175,7 +204,7 @@ class LayerUpload:
         self._check_usable()
         await self._flush(all_of_it=True)
         command = FinishUpload(upload_id=self.uuid, repository=self.name, size=size, digest=digest)
-        await (await self.service._send(command))
+        await self.service._deliver([command])
         self._closed = True
         body = await self.service._wait_for_verdict(
             self.uuid, command.command_id, {"committed", "failed", "cancelled", "expired"}
@@ -190,7 +219,7 @@ class LayerUpload:
         self._check_usable()
         self._buffer.clear()
         command = CancelUpload(upload_id=self.uuid, repository=self.name)
-        await (await self.service._send(command))
+        await self.service._deliver([command])
         self._closed = True
         body = await self.service._wait_for_verdict(
             self.uuid, command.command_id, {"cancelled", "committed", "failed", "expired"}
@@ -200,20 +229,19 @@ class LayerUpload:
 
     async def _flush(self, *, all_of_it: bool) -> None:
         size = self.service.chunk_size
-        view = memoryview(self._buffer)
-        deliveries = []
+        commands: list[Command] = []
         start = 0
-        while len(view) - start >= size or (all_of_it and start < len(view)):
-            chunk = bytes(view[start : start + size])
-            command = AppendChunk(
-                upload_id=self.uuid, repository=self.name, offset=self._sent, data=chunk
+        while len(self._buffer) - start >= size or (all_of_it and start < len(self._buffer)):
+            chunk = bytes(self._buffer[start : start + size])
+            commands.append(
+                AppendChunk(
+                    upload_id=self.uuid, repository=self.name, offset=self._sent, data=chunk
+                )
             )
-            deliveries.append(await self.service._send(command))
             self._sent += len(chunk)
             start += len(chunk)
-        view.release()
         del self._buffer[:start]
-        await asyncio.gather(*deliveries)
+        await self.service._deliver(commands)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -251,13 +279,31 @@ class Layer:
         if self._position >= self.size or n == 0:
             return b""
         want = self.size - self._position if n < 0 else min(n, self.size - self._position)
-        if self._response is None or self._response_position != self._position:
-            await self._open_at(self._position)
-        assert self._response is not None
-        data = await self._response.content.readexactly(want)
-        self._position += len(data)
-        self._response_position = self._position
-        return data
+        out = bytearray()
+        deadline = time.monotonic() + self.service.finish_timeout
+        attempt = 0
+        while len(out) < want:
+            failure: Exception | None = None
+            try:
+                if self._response is None or self._response_position != self._position:
+                    await self._open_at(self._position)
+                assert self._response is not None
+                data = await self._response.content.readexactly(want - len(out))
+            except asyncio.IncompleteReadError as cut_short:
+                data, failure = cut_short.partial, cut_short
+            except (aiohttp.ClientError, _Unavailable) as error:
+                data, failure = b"", error
+            out += data
+            self._position += len(data)
+            self._response_position = self._position
+            if failure is not None:
+                # The query service or storage went away mid-read: go on from here once back.
+                await self.close()
+                attempt += 1
+                if time.monotonic() > deadline:
+                    raise LayerError(f"reading {self.digest} failed: {failure!r}") from failure
+                await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+        return bytes(out)
 
     async def close(self) -> None:
         if self._response is not None:
@@ -276,6 +322,8 @@ class Layer:
         if response.status not in (200, 206):
             body = await response.text()
             response.release()
+            if response.status == 503:
+                raise _Unavailable(body[:200])
             raise LayerError(f"query service answered {response.status}: {body[:200]}")
         self._response = response
         self._response_position = position
@@ -285,6 +333,10 @@ class Layer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class _Unavailable(Exception):
+    """The query service cannot reach storage right now (503): worth retrying."""
 
 
 def _check_name(name: str) -> None:

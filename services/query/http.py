@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 
 from services.core.digest import DigestError, parse_digest
 from services.core.names import InvalidName, check_repository, check_upload_id
-from services.core.objectstore import ObjectNotFound, ObjectStore
+from services.core.objectstore import ObjectNotFound, ObjectStore, is_transient
 from services.query.index import Index, LayerRow, UploadRow, UploadStates
 from services.query.projection import Projection
 
@@ -52,17 +53,23 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
         raise BadRange(f"malformed Range header {header[:100]!r}")
     first, last = match.group(1), match.group(2)
     if first == "":
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             raise Unsatisfiable(header)
         return max(0, size - suffix), size - 1
-    start = int(first)
-    end = size - 1 if last == "" else min(int(last), size - 1)
-    if last != "" and int(last) < start:
+    start = _position(first)
+    end = size - 1 if last == "" else min(_position(last), size - 1)
+    if last != "" and _position(last) < start:
         raise BadRange(f"Range {header[:100]!r} ends before it starts")
     if start >= size:
         raise Unsatisfiable(header)
     return start, end
+
+
+def _position(digits: str) -> int:
+    # Past 18 digits a position is beyond any object; int() of thousands of digits would be
+    # refused by Python's conversion limit (and is slow), so it never gets that far.
+    return int(digits) if len(digits) <= 18 else 1 << 63
 
 
 class QueryApi:
@@ -94,7 +101,15 @@ class QueryApi:
                 http_error.status, http_error.reason.upper().replace(" ", "_"), http_error.reason
             )
         except Exception as unexpected:  # the contract is JSON errors, never a bare 500 page
-            response = error(500, "INTERNAL", f"{type(unexpected).__name__}: {unexpected}")
+            if is_transient(unexpected):
+                response = error(
+                    503,
+                    "STORAGE_UNAVAILABLE",
+                    "object storage is not answering; retry shortly",
+                    **{"Retry-After": "1"},
+                )
+            else:
+                response = error(500, "INTERNAL", f"{type(unexpected).__name__}: {unexpected}")
         REQUESTS.labels(route, request.method, str(response.status)).inc()
         LATENCY.labels(route).observe(time.perf_counter() - started)
         return response
@@ -182,9 +197,12 @@ class QueryApi:
         """
         command_id = request.query.get("command")
         try:
-            wait = min(float(request.query.get("wait", "0")), MAX_WAIT_SECONDS)
+            wait = float(request.query.get("wait", "0"))
         except ValueError:
-            return error(400, "WAIT_INVALID", "wait must be a number of seconds")
+            wait = math.nan
+        if not math.isfinite(wait) or wait < 0:
+            return error(400, "WAIT_INVALID", "wait must be a number of seconds, 0 or more")
+        wait = min(wait, MAX_WAIT_SECONDS)
         deadline = time.monotonic() + max(wait, 0.0)
         while True:
             row = await self._upload_row(request)

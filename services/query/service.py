@@ -26,7 +26,9 @@ async def run(
     index = Index(index_path or settings.index_path, read_only=read_only)
     projection = None if read_only else Projection(settings, index)
     api = QueryApi(index, ObjectStore(settings), projection)
-    runner = web.AppRunner(api.app(), access_log=None)
+    # Long request lines must reach the handlers, which answer them with a JSON 400, rather than
+    # the HTTP parser's plain-text refusal.
+    runner = web.AppRunner(api.app(), access_log=None, max_line_size=65536, max_field_size=65536)
     await runner.setup()
     host, port = settings.query_host_port
     await web.TCPSite(runner, host, port).start()

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
@@ -46,6 +47,19 @@ log = logging.getLogger(__name__)
 CACHE_SIZE = 10_000
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a command was read: tells a replay of the same record (whose events did not
+    commit) from a second record carrying the same command (a client's resend)."""
+
+    partition: int
+    offset: int
+
+    @property
+    def tag(self) -> str:
+        return f"{self.partition}@{self.offset}"
+
+
 class Rejected(Exception):
     def __init__(self, reason: str, detail: str, expected_offset: int | None = None) -> None:
         super().__init__(detail)
@@ -77,7 +91,7 @@ class CommandHandler:
         except DecodeError as error:
             return [self.dead_letter(record, error.reason, error.detail)]
         try:
-            events = await self.apply(command, record.partition)
+            events = await self.apply(command, Source(record.partition, record.offset))
         except Rejected as rejection:
             events = [self.rejection(command, rejection)]
         return [
@@ -91,16 +105,16 @@ class CommandHandler:
     def on_error(self, record: ConsumerRecord, error: Exception) -> list[Output]:
         return [self.dead_letter(record, DeadLetterReason.HANDLER_ERROR, repr(error))]
 
-    async def apply(self, command: Command, partition: int) -> list[Event]:
+    async def apply(self, command: Command, src: Source) -> list[Event]:
         try:
             check_upload_id(command.upload_id)
         except InvalidName as error:
             raise Rejected(RejectReason.INVALID_UPLOAD_ID, str(error)) from None
         state = await self._state(command.upload_id)
         if isinstance(command, StartUpload):
-            events = await self._start(command, state, partition)
+            events = await self._start(command, state, src)
         elif isinstance(command, ExpireUpload):
-            events = await self._expire(command, state, partition)
+            events = await self._expire(command, state, src)
         else:
             if state is None:
                 raise Rejected(RejectReason.UNKNOWN_UPLOAD, f"no upload {command.upload_id}")
@@ -111,12 +125,12 @@ class CommandHandler:
                     f"not {command.repository!r}",
                 )
             if isinstance(command, AppendChunk):
-                events = await self._append(command, state, partition)
+                events = await self._append(command, state, src)
             elif isinstance(command, FinishUpload):
-                events = await self._finish(command, state, partition)
+                events = await self._finish(command, state, src)
             else:
                 assert isinstance(command, CancelUpload)
-                events = await self._cancel(command, state, partition)
+                events = await self._cancel(command, state, src)
         return events
 
     async def _state(self, upload_id: str) -> UploadState | None:
@@ -133,20 +147,25 @@ class CommandHandler:
             self.cache.popitem(last=False)
 
     async def _start(
-        self, command: StartUpload, state: UploadState | None, partition: int
+        self, command: StartUpload, state: UploadState | None, src: Source
     ) -> list[Event]:
-        if state is not None and state.started_by != command.command_id:
-            raise Rejected(RejectReason.UPLOAD_EXISTS, f"upload {command.upload_id} exists already")
-        if state is None:
+        if state is not None:
+            if state.started_by != command.command_id:
+                raise Rejected(
+                    RejectReason.UPLOAD_EXISTS, f"upload {command.upload_id} exists already"
+                )
+            if state.started_from != src.tag:
+                return []  # the client sent this command again: it is applied already
+        else:
             try:
                 check_repository(command.repository)
             except InvalidName as error:
                 raise Rejected(RejectReason.INVALID_REPOSITORY, str(error)) from None
             state = await self.staging.start(
-                command.upload_id, command.repository, command.command_id, now_ms()
+                command.upload_id, command.repository, command.command_id, src.tag, now_ms()
             )
-            self._remember(state, partition)
-        # else: this very command, replayed after a transaction that did not commit.
+            self._remember(state, src.partition)
+        # A replay of this very record: the transaction with its event did not commit.
         return [
             UploadStarted(
                 event_id=derived_id(command.command_id, "UploadStarted"),
@@ -157,9 +176,7 @@ class CommandHandler:
             )
         ]
 
-    async def _append(
-        self, command: AppendChunk, state: UploadState, partition: int
-    ) -> list[Event]:
+    async def _append(self, command: AppendChunk, state: UploadState, src: Source) -> list[Event]:
         self._check_open(state)
         length = len(command.data)
         if length > self.settings.max_chunk_bytes:
@@ -171,15 +188,17 @@ class CommandHandler:
             raise Rejected(RejectReason.INVALID_SIZE, "empty chunk")
         durable = state.durable_offset
         if command.offset != durable:
-            return self._append_elsewhere(command, state, durable)
+            return self._append_elsewhere(command, state, durable, src)
         digest = await _sha256(command.data)
-        record = ChunkRecord(command.offset, length, digest, command.command_id, durable + length)
+        record = ChunkRecord(
+            command.offset, length, digest, command.command_id, durable + length, src.tag
+        )
         state = await self.staging.append(state, command.data, record, now_ms())
-        self._remember(state, partition)
+        self._remember(state, src.partition)
         return [self._chunk_appended(command, record)]
 
     def _append_elsewhere(
-        self, command: AppendChunk, state: UploadState, durable: int
+        self, command: AppendChunk, state: UploadState, durable: int, src: Source
     ) -> list[Event]:
         if command.offset > durable or command.offset < 0:
             raise Rejected(
@@ -208,7 +227,7 @@ class CommandHandler:
                 f"different bytes at applied offset {command.offset}",
                 expected_offset=durable,
             )
-        if applied.command_id == command.command_id:
+        if applied.source == src.tag:
             # The transaction that published this chunk's event did not commit: publish it now.
             return [self._chunk_appended(command, applied)]
         return []  # the same bytes sent again: nothing to do
@@ -225,10 +244,11 @@ class CommandHandler:
             chunk_sha256=record.sha256,
         )
 
-    async def _finish(
-        self, command: FinishUpload, state: UploadState, partition: int
-    ) -> list[Event]:
-        if not (state.status == Status.FINISHED and state.closed_by == command.command_id):
+    async def _finish(self, command: FinishUpload, state: UploadState, src: Source) -> list[Event]:
+        if state.status == Status.FINISHED and state.closed_by == command.command_id:
+            if state.closed_from != src.tag:
+                return []  # the client sent this command again: it is applied already
+        else:
             self._check_open(state)
             if command.size < 0:
                 raise Rejected(RejectReason.INVALID_SIZE, f"negative size {command.size}")
@@ -243,11 +263,12 @@ class CommandHandler:
                 pass
             finish = {
                 "command_id": command.command_id,
+                "source": src.tag,
                 "size": command.size,
                 "digest": command.digest,
             }
             state = await self.staging.finish(state, finish, now_ms())
-            self._remember(state, partition)
+            self._remember(state, src.partition)
         return [
             UploadFinished(
                 event_id=derived_id(command.command_id, "UploadFinished"),
@@ -261,15 +282,17 @@ class CommandHandler:
             )
         ]
 
-    async def _cancel(
-        self, command: CancelUpload, state: UploadState, partition: int
-    ) -> list[Event]:
+    async def _cancel(self, command: CancelUpload, state: UploadState, src: Source) -> list[Event]:
         durable = state.durable_offset
-        replayed = state.status == Status.CANCELLED and state.closed_by == command.command_id
-        if not replayed:
+        if state.status == Status.CANCELLED and state.closed_by == command.command_id:
+            if state.closed_from != src.tag:
+                return []  # the client sent this command again: it is applied already
+        else:
             self._check_open(state)
-        state = await self.staging.discard(state, Status.CANCELLED, command.command_id, now_ms())
-        self._remember(state, partition)
+        state = await self.staging.discard(
+            state, Status.CANCELLED, command.command_id, src.tag, now_ms()
+        )
+        self._remember(state, src.partition)
         return [
             UploadCancelled(
                 event_id=derived_id(command.command_id, "UploadCancelled"),
@@ -281,19 +304,21 @@ class CommandHandler:
         ]
 
     async def _expire(
-        self, command: ExpireUpload, state: UploadState | None, partition: int
+        self, command: ExpireUpload, state: UploadState | None, src: Source
     ) -> list[Event]:
         # Re-checked here, in the upload's own order: a chunk that arrived after the scan
         # found the upload idle makes this a no-op. Never a rejection: no client sent it.
         if state is None:
             return []
-        replayed = state.status == Status.EXPIRED and state.closed_by == command.command_id
+        replayed = state.status == Status.EXPIRED and state.closed_from == src.tag
         idle_ms = now_ms() - state.updated_ms
         if not replayed and (state.status != Status.OPEN or idle_ms < command.ttl_seconds * 1000):
             return []
         durable = state.durable_offset
-        state = await self.staging.discard(state, Status.EXPIRED, command.command_id, now_ms())
-        self._remember(state, partition)
+        state = await self.staging.discard(
+            state, Status.EXPIRED, command.command_id, src.tag, now_ms()
+        )
+        self._remember(state, src.partition)
         return [
             UploadExpired(
                 event_id=derived_id(command.command_id, "UploadExpired"),

@@ -35,6 +35,7 @@ class ChunkRecord:
     sha256: str
     command_id: str
     durable_after: int
+    source: str = ""  # partition@offset of the command record that applied it
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class UploadState:
     pending: tuple[PendingChunk, ...] = ()
     ledger: tuple[ChunkRecord, ...] = ()
     closed_by: str | None = None
+    started_from: str = ""  # partition@offset of the StartUpload record
+    closed_from: str = ""  # partition@offset of the record that closed the upload
     finish: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -109,7 +112,7 @@ class StagingArea:
         await self.store.put(state_key(state.upload_id), state.to_json())
 
     async def start(
-        self, upload_id: str, repository: str, command_id: str, now_ms: int
+        self, upload_id: str, repository: str, command_id: str, source: str, now_ms: int
     ) -> UploadState:
         key = staging_key(upload_id)
         # A crash after creating the multipart upload but before saving the state would leak it;
@@ -122,6 +125,7 @@ class StagingArea:
             status=Status.OPEN,
             multipart_id=multipart_id,
             started_by=command_id,
+            started_from=source,
             created_ms=now_ms,
             updated_ms=now_ms,
         )
@@ -186,6 +190,7 @@ class StagingArea:
             parts=parts,
             pending=(),
             closed_by=str(finish["command_id"]),
+            closed_from=str(finish["source"]),
             finish=finish,
             updated_ms=now_ms,
         )
@@ -194,11 +199,17 @@ class StagingArea:
         return finished
 
     async def discard(
-        self, state: UploadState, status: str, command_id: str | None, now_ms: int
+        self, state: UploadState, status: str, command_id: str, source: str, now_ms: int
     ) -> UploadState:
         """Removes every staged byte of an open upload; the state stays as a tombstone."""
         closed = replace(
-            state, status=status, parts=(), pending=(), closed_by=command_id, updated_ms=now_ms
+            state,
+            status=status,
+            parts=(),
+            pending=(),
+            closed_by=command_id,
+            closed_from=source,
+            updated_ms=now_ms,
         )
         # The tombstone is saved first: once it says closed, no append can stage bytes again.
         await self.save(closed)

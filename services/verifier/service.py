@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from aiokafka.structs import ConsumerRecord
 
@@ -47,13 +48,16 @@ class Verifier:
             return [self.dead_letter(record, error.reason, error.detail)]
         if not isinstance(event, UploadFinished):
             return []
-        verdict = await self.decide(event)
+        verdict = await self.decide(event, f"{record.partition}@{record.offset}")
+        if verdict is None:
+            return []
         published = self.verdict_event(event, verdict)
         return [
             Output(self.settings.events_topic, event.upload_id.encode(), CODEC.encode(published))
         ]
 
-    async def decide(self, event: UploadFinished) -> Verdict:
+    async def decide(self, event: UploadFinished, source: str) -> Verdict | None:
+        """The verdict to publish for this record, or None if another record got it already."""
         key = verdict_key(event.upload_id)
         try:
             verdict = Verdict.from_json(await self.store.get(key))
@@ -63,7 +67,11 @@ class Verifier:
             )
             if verdict.committed:
                 verdict = await self.judge.deduplicate(event.digest, verdict)
+            verdict = replace(verdict, source=source)
             await self.store.put(key, verdict.to_json())
+        else:
+            if verdict.source != source:
+                return None  # one upload, one verdict: this UploadFinished is a second copy
         if not verdict.committed:
             await self.store.delete_prefix(f"uploads/{event.upload_id}/")
         return verdict

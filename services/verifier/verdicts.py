@@ -30,6 +30,7 @@ class Verdict:
     expected: str = ""
     actual: str = ""
     detail: str = ""
+    source: str = ""  # partition@offset of the UploadFinished record it answers
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__).encode()
