@@ -7,6 +7,7 @@ resolves an old record (found by its fingerprint) against the newest schema of i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -131,6 +132,11 @@ class Codec:
 
     def versions(self) -> list[tuple[str, int]]:
         return sorted((s.name, s.version) for s in self.by_fingerprint.values())
+
+
+def event_hash(encoded: bytes) -> str:
+    """The link of an upload's hash chain: sha256 of an event's single-object encoding."""
+    return hashlib.sha256(encoded).hexdigest()
 
 
 CODEC = Codec()

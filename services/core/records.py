@@ -20,6 +20,10 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def at_ms(moment_ms: int) -> datetime:
+    return datetime.fromtimestamp(moment_ms / 1000, UTC)
+
+
 def derived_id(cause: str, kind: str) -> str:
     """A stable id for the event `kind` caused by `cause`: a redelivery makes the same id."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"layerlog:{cause}:{kind}"))
@@ -93,6 +97,8 @@ class Event:
     caused_by: str | None
     occurred_at: datetime = field(default_factory=now)
     schema_version: int = 1
+    # The upload's hash chain: the sha256 of the previous chained event's encoded bytes.
+    prev_hash: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

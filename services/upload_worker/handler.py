@@ -13,10 +13,11 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from services.core.codec import CODEC, DecodeError
+from services.core.codec import CODEC, DecodeError, event_hash
 from services.core.digest import InvalidDigest, TarSumVersionUnsupported, parse_digest
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.processor import Output, dead_letter
@@ -37,10 +38,17 @@ from services.core.records import (
     UploadExpired,
     UploadFinished,
     UploadStarted,
+    at_ms,
     derived_id,
 )
 from services.core.settings import Settings
-from services.upload_worker.staging import ChunkRecord, StagingArea, Status, UploadState
+from services.upload_worker.staging import (
+    ChunkRecord,
+    StagingArea,
+    Status,
+    UploadState,
+    staging_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,20 +169,30 @@ class CommandHandler:
                 check_repository(command.repository)
             except InvalidName as error:
                 raise Rejected(RejectReason.INVALID_REPOSITORY, str(error)) from None
+            at = now_ms()
+            event = self._started(command, at)
             state = await self.staging.start(
-                command.upload_id, command.repository, command.command_id, src.tag, now_ms()
+                command.upload_id,
+                command.repository,
+                command.command_id,
+                src.tag,
+                at,
+                chain_head=_hash(event),
             )
             self._remember(state, src.partition)
+            return [event]
         # A replay of this very record: the transaction with its event did not commit.
-        return [
-            UploadStarted(
-                event_id=derived_id(command.command_id, "UploadStarted"),
-                upload_id=command.upload_id,
-                repository=command.repository,
-                caused_by=command.command_id,
-                staging_key=state.staging_key,
-            )
-        ]
+        return [self._started(command, state.created_ms)]
+
+    def _started(self, command: StartUpload, at: int) -> UploadStarted:
+        return UploadStarted(
+            event_id=derived_id(command.command_id, "UploadStarted"),
+            upload_id=command.upload_id,
+            repository=command.repository,
+            caused_by=command.command_id,
+            occurred_at=at_ms(at),
+            staging_key=staging_key(command.upload_id),
+        )
 
     async def _append(self, command: AppendChunk, state: UploadState, src: Source) -> list[Event]:
         self._check_open(state)
@@ -191,11 +209,19 @@ class CommandHandler:
             return self._append_elsewhere(command, state, durable, src)
         digest = await _sha256(command.data)
         record = ChunkRecord(
-            command.offset, length, digest, command.command_id, durable + length, src.tag
+            command.offset,
+            length,
+            digest,
+            command.command_id,
+            durable + length,
+            src.tag,
+            at_ms=now_ms(),
+            prev_hash=state.chain_head,
         )
-        state = await self.staging.append(state, command.data, record, now_ms())
+        event = self._chunk_appended(command, record)
+        state = await self.staging.append(state, command.data, record, _hash(event))
         self._remember(state, src.partition)
-        return [self._chunk_appended(command, record)]
+        return [event]
 
     def _append_elsewhere(
         self, command: AppendChunk, state: UploadState, durable: int, src: Source
@@ -242,6 +268,8 @@ class CommandHandler:
             length=record.length,
             durable_offset=record.durable_after,
             chunk_sha256=record.sha256,
+            occurred_at=at_ms(record.at_ms),
+            prev_hash=record.prev_hash,
         )
 
     async def _finish(self, command: FinishUpload, state: UploadState, src: Source) -> list[Event]:
@@ -266,42 +294,61 @@ class CommandHandler:
                 "source": src.tag,
                 "size": command.size,
                 "digest": command.digest,
+                "staged_size": state.durable_offset,
+                "at_ms": now_ms(),
+                "prev_hash": state.chain_head,
             }
-            state = await self.staging.finish(state, finish, now_ms())
+            event = self._finished(command, finish)
+            state = await self.staging.finish(state, finish, _hash(event))
             self._remember(state, src.partition)
-        return [
-            UploadFinished(
-                event_id=derived_id(command.command_id, "UploadFinished"),
-                upload_id=command.upload_id,
-                repository=command.repository,
-                caused_by=command.command_id,
-                size=command.size,
-                digest=command.digest,
-                staged_size=state.durable_offset,
-                staging_key=state.staging_key,
-            )
-        ]
+            return [event]
+        return [self._finished(command, state.finish)]
+
+    def _finished(self, command: FinishUpload, finish: dict[str, Any]) -> UploadFinished:
+        return UploadFinished(
+            event_id=derived_id(command.command_id, "UploadFinished"),
+            upload_id=command.upload_id,
+            repository=command.repository,
+            caused_by=command.command_id,
+            size=command.size,
+            digest=command.digest,
+            staged_size=finish["staged_size"],
+            staging_key=staging_key(command.upload_id),
+            occurred_at=at_ms(finish["at_ms"]),
+            prev_hash=finish["prev_hash"],
+        )
 
     async def _cancel(self, command: CancelUpload, state: UploadState, src: Source) -> list[Event]:
-        durable = state.durable_offset
         if state.status == Status.CANCELLED and state.closed_by == command.command_id:
             if state.closed_from != src.tag:
                 return []  # the client sent this command again: it is applied already
+            closing = state.closing  # a replay: finish the removal, publish the same event
         else:
             self._check_open(state)
+            closing = self._closing(state, idle_seconds=0)
+
+        event = UploadCancelled(
+            event_id=derived_id(command.command_id, "UploadCancelled"),
+            upload_id=command.upload_id,
+            repository=command.repository,
+            caused_by=command.command_id,
+            durable_offset=closing["durable_offset"],
+            occurred_at=at_ms(closing["at_ms"]),
+            prev_hash=closing["prev_hash"],
+        )
         state = await self.staging.discard(
-            state, Status.CANCELLED, command.command_id, src.tag, now_ms()
+            state, Status.CANCELLED, command.command_id, src.tag, closing, _hash(event)
         )
         self._remember(state, src.partition)
-        return [
-            UploadCancelled(
-                event_id=derived_id(command.command_id, "UploadCancelled"),
-                upload_id=command.upload_id,
-                repository=command.repository,
-                caused_by=command.command_id,
-                durable_offset=durable,
-            )
-        ]
+        return [event]
+
+    def _closing(self, state: UploadState, idle_seconds: int) -> dict[str, Any]:
+        return {
+            "at_ms": now_ms(),
+            "prev_hash": state.chain_head,
+            "durable_offset": state.durable_offset,
+            "idle_seconds": idle_seconds,
+        }
 
     async def _expire(
         self, command: ExpireUpload, state: UploadState | None, src: Source
@@ -310,25 +357,28 @@ class CommandHandler:
         # found the upload idle makes this a no-op. Never a rejection: no client sent it.
         if state is None:
             return []
-        replayed = state.status == Status.EXPIRED and state.closed_from == src.tag
-        idle_ms = now_ms() - state.updated_ms
-        if not replayed and (state.status != Status.OPEN or idle_ms < command.ttl_seconds * 1000):
-            return []
-        durable = state.durable_offset
+        if state.status == Status.EXPIRED and state.closed_from == src.tag:
+            closing = state.closing  # a replay: finish the removal, publish the same event
+        else:
+            idle_ms = now_ms() - state.updated_ms
+            if state.status != Status.OPEN or idle_ms < command.ttl_seconds * 1000:
+                return []
+            closing = self._closing(state, idle_seconds=idle_ms // 1000)
+        event = UploadExpired(
+            event_id=derived_id(command.command_id, "UploadExpired"),
+            upload_id=command.upload_id,
+            repository=state.repository,
+            caused_by=command.command_id,
+            durable_offset=closing["durable_offset"],
+            idle_seconds=closing["idle_seconds"],
+            occurred_at=at_ms(closing["at_ms"]),
+            prev_hash=closing["prev_hash"],
+        )
         state = await self.staging.discard(
-            state, Status.EXPIRED, command.command_id, src.tag, now_ms()
+            state, Status.EXPIRED, command.command_id, src.tag, closing, _hash(event)
         )
         self._remember(state, src.partition)
-        return [
-            UploadExpired(
-                event_id=derived_id(command.command_id, "UploadExpired"),
-                upload_id=command.upload_id,
-                repository=state.repository,
-                caused_by=command.command_id,
-                durable_offset=durable,
-                idle_seconds=max(0, idle_ms // 1000),
-            )
-        ]
+        return [event]
 
     def _check_open(self, state: UploadState) -> None:
         if state.status == Status.FINISHED:
@@ -349,6 +399,10 @@ class CommandHandler:
             detail=rejection.detail,
             expected_offset=rejection.expected_offset,
         )
+
+
+def _hash(event: Event) -> str:
+    return event_hash(CODEC.encode(event))
 
 
 async def _sha256(data: bytes) -> str:

@@ -36,6 +36,8 @@ class ChunkRecord:
     command_id: str
     durable_after: int
     source: str = ""  # partition@offset of the command record that applied it
+    at_ms: int = 0  # when its ChunkAppended happened, so a replay publishes the same bytes
+    prev_hash: str | None = None  # the chain head its ChunkAppended linked to
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class UploadState:
     started_from: str = ""  # partition@offset of the StartUpload record
     closed_from: str = ""  # partition@offset of the record that closed the upload
     finish: dict[str, object] = field(default_factory=dict)
+    closing: dict[str, object] = field(default_factory=dict)  # what the close event said
+    chain_head: str | None = None  # hash of the upload's last chained event
 
     @property
     def staging_key(self) -> str:
@@ -112,7 +116,13 @@ class StagingArea:
         await self.store.put(state_key(state.upload_id), state.to_json())
 
     async def start(
-        self, upload_id: str, repository: str, command_id: str, source: str, now_ms: int
+        self,
+        upload_id: str,
+        repository: str,
+        command_id: str,
+        source: str,
+        now_ms: int,
+        chain_head: str,
     ) -> UploadState:
         key = staging_key(upload_id)
         # A crash after creating the multipart upload but before saving the state would leak it;
@@ -128,12 +138,13 @@ class StagingArea:
             started_from=source,
             created_ms=now_ms,
             updated_ms=now_ms,
+            chain_head=chain_head,
         )
         await self.save(state)
         return state
 
     async def append(
-        self, state: UploadState, data: bytes, record: ChunkRecord, now_ms: int
+        self, state: UploadState, data: bytes, record: ChunkRecord, chain_head: str
     ) -> UploadState:
         """Makes data (which starts at state.durable_offset) durable; returns the saved state."""
         offset = state.durable_offset
@@ -153,14 +164,15 @@ class StagingArea:
             parts=parts,
             pending=pending,
             ledger=(*state.ledger, record)[-LEDGER_LENGTH:],
-            updated_ms=now_ms,
+            updated_ms=record.at_ms,
+            chain_head=chain_head,
         )
         await self.save(updated)
         await self._delete_pending(obsolete)
         return updated
 
     async def finish(
-        self, state: UploadState, finish: dict[str, object], now_ms: int
+        self, state: UploadState, finish: dict[str, object], chain_head: str
     ) -> UploadState:
         """Assembles the staged bytes into state.staging_key and marks the upload finished."""
         parts = state.parts
@@ -192,14 +204,21 @@ class StagingArea:
             closed_by=str(finish["command_id"]),
             closed_from=str(finish["source"]),
             finish=finish,
-            updated_ms=now_ms,
+            updated_ms=int(finish["at_ms"]),  # type: ignore[call-overload]
+            chain_head=chain_head,
         )
         await self.save(finished)
         await self._delete_pending(state.pending)
         return finished
 
     async def discard(
-        self, state: UploadState, status: str, command_id: str, source: str, now_ms: int
+        self,
+        state: UploadState,
+        status: str,
+        command_id: str,
+        source: str,
+        closing: dict[str, object],
+        chain_head: str,
     ) -> UploadState:
         """Removes every staged byte of an open upload; the state stays as a tombstone."""
         closed = replace(
@@ -209,7 +228,9 @@ class StagingArea:
             pending=(),
             closed_by=command_id,
             closed_from=source,
-            updated_ms=now_ms,
+            closing=closing,
+            updated_ms=int(closing["at_ms"]),  # type: ignore[call-overload]
+            chain_head=chain_head,
         )
         # The tombstone is saved first: once it says closed, no append can stage bytes again.
         await self.save(closed)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 
 from aiokafka.structs import ConsumerRecord
 
-from services.core import objectstore
-from services.core.codec import CODEC, DecodeError
+from services.core import metrics, objectstore
+from services.core.codec import CODEC, DecodeError, event_hash
 from services.core.objectstore import ObjectNotFound, ObjectStore
 from services.core.processor import Output, Processor, dead_letter
 from services.core.records import (
@@ -23,8 +24,8 @@ from services.core.records import (
     LayerCommitted,
     LayerValidationFailed,
     UploadFinished,
+    at_ms,
     derived_id,
-    now,
 )
 from services.core.settings import Settings
 from services.verifier.verdicts import Judge, Verdict, verdict_key
@@ -51,7 +52,8 @@ class Verifier:
         verdict = await self.decide(event, f"{record.partition}@{record.offset}")
         if verdict is None:
             return []
-        published = self.verdict_event(event, verdict)
+        # The verdict continues the upload's hash chain from the UploadFinished it answers.
+        published = self.verdict_event(event, verdict, event_hash(record.value or b""))
         return [
             Output(self.settings.events_topic, event.upload_id.encode(), CODEC.encode(published))
         ]
@@ -67,7 +69,7 @@ class Verifier:
             )
             if verdict.committed:
                 verdict = await self.judge.deduplicate(event.digest, verdict)
-            verdict = replace(verdict, source=source)
+            verdict = replace(verdict, source=source, at_ms=time.time_ns() // 1_000_000)
             await self.store.put(key, verdict.to_json())
         else:
             if verdict.source != source:
@@ -76,11 +78,13 @@ class Verifier:
             await self.store.delete_prefix(f"uploads/{event.upload_id}/")
         return verdict
 
-    def verdict_event(self, event: UploadFinished, verdict: Verdict) -> Event:
+    def verdict_event(self, event: UploadFinished, verdict: Verdict, prev_hash: str) -> Event:
         common = {
             "upload_id": event.upload_id,
             "repository": event.repository,
             "caused_by": event.caused_by,
+            "occurred_at": at_ms(verdict.at_ms),
+            "prev_hash": prev_hash,
         }
         if verdict.committed:
             return LayerCommitted(
@@ -88,7 +92,7 @@ class Verifier:
                 digest=event.digest,
                 size=event.size,
                 object_key=verdict.object_key,
-                committed_at=now(),
+                committed_at=at_ms(verdict.at_ms),
                 blob_sha256=verdict.blob_sha256,
                 **common,  # type: ignore[arg-type]
             )
@@ -119,4 +123,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         is_transient=objectstore.is_transient,
         on_error=verifier.on_error,
     )
-    await processor.run(stop)
+    stop_metrics = metrics.serve(settings.verifier_metrics_listen, "verifier")
+    try:
+        await processor.run(stop)
+    finally:
+        stop_metrics()

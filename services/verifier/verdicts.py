@@ -31,6 +31,7 @@ class Verdict:
     actual: str = ""
     detail: str = ""
     source: str = ""  # partition@offset of the UploadFinished record it answers
+    at_ms: int = 0  # when it was decided: a replay publishes the very same bytes
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__).encode()

@@ -1,0 +1,1 @@
+"""Audit tools over the event log: the history of an upload or a repository."""
