@@ -48,9 +48,11 @@ class ObjectStore:
         self.bucket = settings.bucket
         http = urllib3.PoolManager(
             maxsize=max_connections,
-            timeout=urllib3.Timeout(connect=5, read=60),
+            # A read timeout bounds each socket read, not the transfer: a request the server
+            # dropped fails in 20 s and is retried, rather than stalling a partition for minutes.
+            timeout=urllib3.Timeout(connect=5, read=20),
             retries=urllib3.Retry(
-                total=3, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
+                total=3, read=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
             ),
         )
         self.client = Minio(

@@ -32,7 +32,7 @@ async def short_ttl_pipeline(fault_settings, tmp_path):
 
 async def test_idle_uploads_expire_and_busy_ones_do_not(short_ttl_pipeline, fault_store):
     settings = short_ttl_pipeline.settings
-    async with LayerService(settings, finish_timeout=60) as service:
+    async with LayerService(settings, finish_timeout=180) as service:
         idle = [await service.upload("faults/idle") for _ in range(6)]
         for upload in idle:
             await upload.write(b"staged and then forgotten" * 1000)
