@@ -94,7 +94,12 @@ class ServiceProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", self.name],
-            env=settings_env(self.settings),
+            env={
+                **settings_env(self.settings),
+                # Each process its own metrics port: replicas run side by side here.
+                "LAYERLOG_WORKER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+                "LAYERLOG_VERIFIER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
+            },
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

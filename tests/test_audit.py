@@ -3,8 +3,11 @@ and a blob changed in storage are both reported, with their offsets."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
+import json
+import sys
 from dataclasses import replace
 
 import pytest
@@ -15,6 +18,7 @@ from services.client import LayerService
 from services.core.codec import CODEC, event_hash
 from services.core.eventlog import upload_records
 from services.core.records import ChunkAppended, LayerCommitted, UploadFinished, UploadStarted
+from tests.conftest import settings_env
 
 pytestmark = pytest.mark.usefixtures("stack_services")
 
@@ -76,3 +80,28 @@ async def test_a_changed_blob_is_reported(settings, store):
     breaks = (await verify_log(settings, repository="audit/tampered")).breaks
     assert len(breaks) == 1
     assert breaks[0].event == "LayerCommitted" and "stored bytes have" in breaks[0].problem
+
+
+async def test_audit_verify_command(settings):
+    await push(settings, "audit/cli", b"checked from the command line " * 1000)
+    command = [sys.executable, "-m", "services.cli", "audit", "verify", "--repo", "audit/cli"]
+    done = await asyncio.create_subprocess_exec(
+        *command, env=settings_env(settings), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await done.communicate()
+    assert done.returncode == 0, out
+    assert b"no breaks" in out
+    done = await asyncio.create_subprocess_exec(
+        *command[:-2],
+        "--repo",
+        "audit/forged",
+        "--json",
+        "--no-blobs",
+        env=settings_env(settings),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await done.communicate()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert done.returncode == 1, out
+    assert lines[-1]["summary"]["breaks"] == 1
+    assert lines[0]["break"]["event"] == "UploadFinished"

@@ -10,6 +10,7 @@ before schema v2 introduced prev_hash.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer
@@ -148,3 +149,30 @@ async def _partitions(settings: Settings) -> list[int]:
         return sorted(found)
     finally:
         await consumer.stop()
+
+
+async def run_verify(
+    settings: Settings, *, repository: str | None, check_blobs: bool, as_json: bool
+) -> int:
+    """`layerlog audit verify`: prints each break and a summary; 1 if anything broke."""
+    report = await verify_log(settings, repository=repository, check_blobs=check_blobs)
+    for broken in report.breaks:
+        if as_json:
+            print(json.dumps({"break": broken.__dict__}))
+        else:
+            print(f"BREAK {broken}")
+    summary = {
+        "events": report.events,
+        "uploads": len(report.uploads),
+        "blobs_checked": report.blobs,
+        "breaks": len(report.breaks),
+    }
+    if as_json:
+        print(json.dumps({"summary": summary}))
+    else:
+        print(
+            f"checked {summary['events']} events of {summary['uploads']} uploads and "
+            f"{summary['blobs_checked']} stored blobs: "
+            + (f"{len(report.breaks)} breaks" if report.breaks else "no breaks")
+        )
+    return 1 if report.breaks else 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
@@ -23,14 +24,23 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord
 
-from services.core import kafka
-from services.core.codec import CODEC
-from services.core.records import DeadLetter
+from services.core import kafka, logs, metrics
+from services.core.codec import CODEC, DecodeError
+from services.core.records import (
+    ChunkAppended,
+    CommandRejected,
+    DeadLetter,
+    Event,
+    LayerCommitted,
+    LayerValidationFailed,
+)
 from services.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 10.0
+# Consumer lag is a gauge for dashboards; refreshing it once a second is plenty.
+LAG_INTERVAL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class Processor:
         # next owner reads offsets that include it.
         self.in_flight = asyncio.Lock()
         self.stop = asyncio.Event()
+        self.lag_noted_at = 0.0
 
     def owned_partitions(self) -> set[int]:
         """The input partitions this replica owns right now."""
@@ -111,6 +122,7 @@ class Processor:
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+                await self._note_lag()
                 if not batch:
                     continue
                 async with self.in_flight:
@@ -141,6 +153,12 @@ class Processor:
             self.on_revoked(revoked)
             for tp in revoked:
                 await self._forget_producer(tp.partition)
+                # Another replica reports this partition's lag now; a stale value here would
+                # add to it on the dashboard.
+                try:
+                    metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+                except KeyError:
+                    pass
 
     async def _producer(self, partition: int) -> AIOKafkaProducer:
         producer = self.producers.get(partition)
@@ -163,18 +181,26 @@ class Processor:
 
     async def _process(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         outputs: list[Output] = []
+        applied: list[tuple[float, list[Output]]] = []
         for record in records:
-            result = await self._apply_one(record)
-            if result is None:  # stopping: nothing committed, the records replay
+            # Log lines written while applying the record name its upload (the record key).
+            with logs.bound(upload_id=_key_text(record.key)):
+                timed = await self._apply_one(record)
+            if timed is None:  # stopping: nothing committed, the records replay
                 return
-            outputs += result
-        await self._commit(tp, records, outputs)
+            applied.append(timed)
+            outputs += timed[1]
+        if await self._commit(tp, records, outputs):
+            self._observe(tp.topic, applied)
 
-    async def _apply_one(self, record: ConsumerRecord) -> list[Output] | None:
+    async def _apply_one(self, record: ConsumerRecord) -> tuple[float, list[Output]] | None:
+        """The record's outputs and how long the handle() call that produced them took."""
         attempt = 0
         while True:
             try:
-                return await self.handle(record)
+                started = time.perf_counter()
+                outputs = await self.handle(record)
+                return time.perf_counter() - started, outputs
             except Exception as error:
                 if not self.is_transient(error):
                     # A bug must not stop the partition behind this record: keep the record
@@ -186,7 +212,7 @@ class Processor:
                         record.partition,
                         record.offset,
                     )
-                    return self.on_error(record, error)
+                    return 0.0, self.on_error(record, error)
                 if self.stop.is_set():
                     return None
                 attempt += 1
@@ -204,7 +230,8 @@ class Processor:
 
     async def _commit(
         self, tp: TopicPartition, records: list[ConsumerRecord], outputs: list[Output]
-    ) -> None:
+    ) -> bool:
+        """Publishes outputs and commits the input offset; True when they are known committed."""
         assert self.consumer is not None
         next_offset = records[-1].offset + 1
         producer = await self._producer(tp.partition)
@@ -215,14 +242,16 @@ class Processor:
                     sends.append(await producer.send(output.topic, output.value, key=output.key))
                 await producer.send_offsets_to_transaction({tp: next_offset}, self.group_id)
             await asyncio.gather(*sends)
-            return
+            return True
         except ProducerFenced:
             # Another replica owns the partition now and has aborted our transaction.
             log.warning("%s: fenced on partition %d; leaving it", self.name, tp.partition)
+            metrics.COMMIT_FAILURES.labels(tp.topic, "fenced").inc()
             await self._forget_producer(tp.partition)
-            return
+            return False
         except KafkaError as error:
             log.warning("%s: commit on partition %d failed: %r", self.name, tp.partition, error)
+            metrics.COMMIT_FAILURES.labels(tp.topic, "error").inc()
             await self._forget_producer(tp.partition)
         finally:
             # The sends share the transaction's fate; collect their errors so none goes unread.
@@ -241,9 +270,81 @@ class Processor:
                 await asyncio.sleep(backoff(attempt))
                 log.warning("%s: settling partition %d: %r", self.name, tp.partition, error)
         else:
+            return False
+        if (committed or 0) < next_offset:
+            if tp in self.consumer.assignment():
+                self.consumer.seek(tp, records[0].offset)
+            return False
+        return True
+
+    # Metrics
+
+    def _observe(self, topic: str, applied: list[tuple[float, list[Output]]]) -> None:
+        """Counts what a committed batch published. The outputs say what each record did, so
+        neither the handlers nor the verifier need to know about metrics."""
+        for seconds, outputs in applied:
+            metrics.RECORDS_HANDLED.labels(topic).inc()
+            metrics.HANDLE_SECONDS.labels(topic).observe(seconds)
+            for output in outputs:
+                try:
+                    record = CODEC.decode(output.value)
+                except DecodeError:  # ours to write, so never expected; metrics must not crash
+                    continue
+                _count(record, seconds)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "%s: published %s",
+                        self.name,
+                        type(record).__name__,
+                        extra={
+                            "upload_id": getattr(record, "upload_id", None),
+                            "command_id": getattr(record, "caused_by", None),
+                        },
+                    )
+
+    async def _note_lag(self) -> None:
+        """Consumer lag per owned partition: the high watermark the last fetch saw minus the
+        position. Only partitions fetched at least once have a high watermark."""
+        moment = time.monotonic()
+        if self.consumer is None or moment - self.lag_noted_at < LAG_INTERVAL_SECONDS:
             return
-        if (committed or 0) < next_offset and tp in self.consumer.assignment():
-            self.consumer.seek(tp, records[0].offset)
+        self.lag_noted_at = moment
+        for tp in self.consumer.assignment():
+            try:
+                highwater = self.consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                # A valid position is there once fetched; the timeout guards a reassignment.
+                position = await asyncio.wait_for(self.consumer.position(tp), 1.0)
+            except Exception as error:  # informational; never worth stopping the loop for
+                log.debug("%s: no lag for %s: %r", self.name, tp, error)
+                continue
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                max(0, highwater - position)
+            )
+
+
+def _count(record: object, seconds: float) -> None:
+    if isinstance(record, Event):
+        metrics.EVENTS_PUBLISHED.labels(type(record).__name__).inc()
+    if isinstance(record, ChunkAppended):
+        metrics.INGESTED_BYTES.inc(record.length)
+        metrics.INGESTED_CHUNKS.inc()
+        metrics.CHUNK_APPEND_SECONDS.observe(seconds)
+    elif isinstance(record, LayerCommitted):
+        metrics.VERIFICATION_SECONDS.labels("committed").observe(seconds)
+    elif isinstance(record, LayerValidationFailed):
+        metrics.VERIFICATION_SECONDS.labels("failed").observe(seconds)
+        metrics.VERIFICATION_FAILURES.labels(record.reason).inc()
+    elif isinstance(record, CommandRejected):
+        metrics.COMMANDS_REJECTED.labels(record.command_type, record.reason).inc()
+    elif isinstance(record, DeadLetter):
+        metrics.DEAD_LETTERS.labels(record.reason).inc()
+
+
+def _key_text(key: bytes | None) -> str | None:
+    # Commands and events are keyed by upload id; a hostile key is still shown, not trusted.
+    return None if key is None else key[:100].decode("utf-8", errors="replace")
 
 
 async def _stop_quietly(producer: AIOKafkaProducer) -> None:

@@ -18,6 +18,8 @@ S3_MIN_PART_SIZE = 5 * MIB
 # A chunk travels inside one Kafka record; the commands topic is created to accept this much.
 MAX_CHUNK_CEILING = 64 * MIB
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -47,6 +49,13 @@ class Settings:
     upload_ttl_seconds: int = 7 * 24 * 3600
     # How often each upload worker looks for idle uploads in the partitions it owns.
     expiry_interval_seconds: int = 600
+    # Where the upload worker and the verifier serve Prometheus /metrics (the query service
+    # serves it on query_listen).
+    worker_metrics_listen: str = "127.0.0.1:9101"
+    verifier_metrics_listen: str = "127.0.0.1:9102"
+    # A Settings field (not a bare variable) so that whoever passes Settings to a service
+    # process passes the level too.
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -65,6 +74,12 @@ class Settings:
     def validate(self) -> None:
         _host_port("LAYERLOG_S3_ENDPOINT", self.s3_endpoint)
         _host_port("LAYERLOG_QUERY_LISTEN", self.query_listen)
+        _host_port("LAYERLOG_WORKER_METRICS_LISTEN", self.worker_metrics_listen)
+        _host_port("LAYERLOG_VERIFIER_METRICS_LISTEN", self.verifier_metrics_listen)
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(
+                f"LAYERLOG_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
         for server in self.kafka_bootstrap.split(","):
             _host_port("LAYERLOG_KAFKA_BOOTSTRAP", server.strip())
         url = urlsplit(self.query_url)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka import TopicPartition
 
-from services.core import kafka
+from services.core import kafka, metrics
 from services.core.codec import CODEC, DecodeError
 from services.core.processor import start_with_retry
 from services.core.records import Event
@@ -29,6 +29,8 @@ class Projection:
         self.positions: dict[int, int] = {}
         self.end_offsets: dict[int, int] = {}
         self.applied = 0
+        # The batch being written to the index while the next one is fetched and decoded.
+        self._applying: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event, until: dict[int, int] | None = None) -> None:
         """Applies events until stop is set (or, given `until`, up to those offsets)."""
@@ -45,14 +47,18 @@ class Projection:
                     await consumer.seek_to_beginning(tp)
                 self.positions[tp.partition] = stored.get(tp.partition, 0)
             while not stop.is_set():
-                if until is not None and self._reached(until):
-                    return
+                if until is not None:
+                    await self._settle()  # the cut is judged on what is stored
+                    if self._reached(until):
+                        return
                 batch = await consumer.getmany(timeout_ms=200, max_records=5000)
                 if until is not None:
                     batch = self._cut(batch, until)
                 if not batch:
+                    await self._settle()
                     await self._note_end_offsets(consumer, partitions)
                     await self._store_idle_positions(consumer, partitions, until)
+                    self._export_lag(consumer, partitions)
                     continue
                 rows = [self._decode(r) for records in batch.values() for r in records]
                 positions = {}
@@ -61,14 +67,38 @@ class Projection:
                     if until is not None:
                         position = min(position, until.get(tp.partition, position))
                     positions[tp.partition] = position
-                await self._in_writer(self.index.apply, self.topic, rows, positions)
-                self.positions.update(positions)
-                self.applied += len(rows)
-                async with self.changed:
-                    self.changed.notify_all()
+                newest = max(r.timestamp for records in batch.values() for r in records)
+                # Decoding (on this loop) and writing (in the writer thread, where SQLite lets go
+                # of the GIL) overlap: this batch was decoded while the previous one was written.
+                # One batch at a time is written, in log order, each with its offsets.
+                await self._settle()
+                self._applying = asyncio.create_task(
+                    self._apply(rows, positions, newest, consumer, partitions)
+                )
+            await self._settle()
         finally:
+            if self._applying is not None:  # stopping or failing: let the write in flight end
+                await asyncio.gather(self._applying, return_exceptions=True)
             await consumer.stop()
             self.writer.shutdown(wait=True)
+
+    async def _apply(  # type: ignore[no-untyped-def]
+        self, rows: list[Event | None], positions: dict[int, int], newest: int, consumer, partitions
+    ) -> None:
+        await self._in_writer(self.index.apply, self.topic, rows, positions)
+        self.positions.update(positions)
+        self.applied += len(rows)
+        metrics.PROJECTION_EVENTS_APPLIED.inc(len(rows))
+        metrics.PROJECTION_LAST_EVENT_SECONDS.set(newest / 1000)
+        self._export_lag(consumer, partitions)
+        async with self.changed:
+            self.changed.notify_all()  # at once: a client waits for its verdict on this
+
+    async def _settle(self) -> None:
+        """Waits for the batch being written; its failure stops the projection, loudly."""
+        applying, self._applying = self._applying, None
+        if applying is not None:
+            await applying
 
     async def _partitions(self, consumer) -> list[TopicPartition]:  # type: ignore[no-untyped-def]
         while True:
@@ -117,6 +147,17 @@ class Projection:
             if inside:
                 kept[tp] = inside
         return kept
+
+    def _export_lag(self, consumer, partitions) -> None:  # type: ignore[no-untyped-def]
+        """Per-partition lag for /metrics. While busy, end offsets are only noted when idle, so
+        the high watermark of the latest fetch (newer, when there is one) is used as well."""
+        for tp in partitions:
+            end = self.end_offsets.get(tp.partition, 0)
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                end = max(end, highwater)
+            lag = max(0, end - self.positions.get(tp.partition, 0))
+            metrics.PROJECTION_LAG.labels(str(tp.partition)).set(lag)
 
     def lag(self) -> int:
         return sum(

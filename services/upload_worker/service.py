@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.core import objectstore
+from services.core import metrics, objectstore
 from services.core.objectstore import ObjectStore
 from services.core.processor import Processor
 from services.core.settings import Settings
@@ -36,9 +36,11 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         on_revoked=handler.forget,
     )
     expiry = Expiry(settings, store, staging, processor.owned_partitions, processor.partition_count)
+    stop_metrics = metrics.serve(settings.worker_metrics_listen, "upload-worker")
     scanning = asyncio.create_task(expiry.run(stop))
     try:
         await processor.run(stop)
     finally:
         stop.set()
         await scanning
+        stop_metrics()
