@@ -303,18 +303,24 @@ def _run_all(args: argparse.Namespace) -> int:
     ]
     started = ", ".join(f"{n} (pid {c.pid})" for n, c in zip(SERVICES, children, strict=True))
     print(f"layerlog: started {started}; Ctrl-C stops them", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    # Explicit handlers: started from a script, this process may begin with SIGINT ignored.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     status = EXIT_OK
-    try:
-        while all(child.poll() is None for child in children):
-            try:
-                children[0].wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    if not stopping:
+        # Ctrl-C reaches the services too and they may exit a moment before we hear of it.
+        time.sleep(1)
+    if not stopping:
         status = EXIT_NO
         print("layerlog: a service exited; stopping the others", file=sys.stderr)
-    except KeyboardInterrupt:
-        pass
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGINT)
