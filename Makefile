@@ -11,11 +11,11 @@ run: venv
 test: venv
 	deploy/with-stack $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv
+bench: venv $(VENV)/.bench-installed
 	deploy/with-stack $(PY) -m bench
 
 bench-digest: venv
-	$(PY) bench/bench_digest.py
+	$(PY) -m bench.bench_digest
 
 lint: venv
 	$(VENV)/bin/ruff check services tests bench
@@ -33,4 +33,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $@
