@@ -28,6 +28,10 @@ def producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
         "acks": "all",
         "max_request_size": MAX_RECORD_BYTES,
         "linger_ms": 2,
+        # Right after a commit the coordinator answers the next transaction's first request with
+        # CONCURRENT_TRANSACTIONS until the markers are written; the default 100 ms backoff then
+        # dominated every command's latency.
+        "retry_backoff_ms": 10,
         "request_timeout_ms": 30_000,
     }
     options.update(overrides)
@@ -44,8 +48,14 @@ def consumer(
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
-        "max_partition_fetch_bytes": MAX_RECORD_BYTES,
-        "fetch_max_bytes": 2 * MAX_RECORD_BYTES,
+        # Prefetch about one chunk per partition: a bigger record still comes (Kafka returns at
+        # least one batch whatever the limit), but six partitions' worth of 65 MiB buffers would
+        # be the largest thing in a worker's memory.
+        "max_partition_fetch_bytes": settings.max_chunk_bytes + MIB,
+        "fetch_max_bytes": 4 * (settings.max_chunk_bytes + MIB),
+        # A read_committed fetch that is parked waiting for data is not woken when a transaction
+        # commits; a short wait bounds how long a committed event sits unseen.
+        "fetch_max_wait_ms": 20,
         "session_timeout_ms": 10_000,
         "heartbeat_interval_ms": 1_000,
         "max_poll_interval_ms": 300_000,
