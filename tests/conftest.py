@@ -164,3 +164,21 @@ async def stack_services(
 @pytest.fixture()
 def log_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
+
+
+@pytest.fixture()
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's settings in this process's environment, for `layerlog` run in-process."""
+    for name, value in settings_env(settings).items():
+        if name.startswith("LAYERLOG_"):
+            monkeypatch.setenv(name, value)
+
+
+async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Runs `layerlog ARGV` in-process; returns its exit status, stdout and stderr."""
+    from services import cli
+
+    capsys.readouterr()
+    status = await asyncio.to_thread(cli.main, list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from services import cli
-from tests.conftest import ROOT, free_port, settings_env
+from tests.conftest import ROOT, free_port, run_cli, settings_env
 
 
 class Terminal(io.StringIO):
@@ -30,20 +30,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture()
-def cli_env(settings, monkeypatch):
-    for name, value in settings_env(settings).items():
-        if name.startswith("LAYERLOG_"):
-            monkeypatch.setenv(name, value)
-
-
-async def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = await asyncio.to_thread(cli.main, list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def sha256(data: bytes) -> str:

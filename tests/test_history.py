@@ -12,13 +12,12 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from services import cli
 from services.audit import history
 from services.audit.history import CommandStatus
 from services.client import LayerInvalidDigest, LayerService
 from services.core.codec import CODEC
 from services.core.records import StartUpload, UploadStarted, derived_id
-from tests.conftest import settings_env
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("stack_services")
 
@@ -33,20 +32,6 @@ async def push(settings, name: str, data: bytes, digest: str | None = None) -> s
         await upload.write(data)
         await upload.finish(len(data), digest or sha256(data))
         return upload.uuid
-
-
-@pytest.fixture()
-def cli_env(settings, monkeypatch):
-    for name, value in settings_env(settings).items():
-        if name.startswith("LAYERLOG_"):
-            monkeypatch.setenv(name, value)
-
-
-async def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = await asyncio.to_thread(cli.main, list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 async def test_an_upload_history_pairs_every_event_with_its_command(settings):

@@ -17,12 +17,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services import cli
 from services.audit.timetravel import Until, UntilError, parse_until
 from services.client import LayerService
 from services.query.index import Index
 from services.query.replay import cut_offsets
-from tests.conftest import ROOT, free_port, settings_env, wait_for_query
+from tests.conftest import ROOT, free_port, run_cli, settings_env, wait_for_query
 
 pytestmark = pytest.mark.usefixtures("stack_services")
 
@@ -37,20 +36,6 @@ async def push(settings, name: str, data: bytes) -> str:
         await upload.write(data)
         await upload.finish(len(data), sha256(data))
     return sha256(data)
-
-
-@pytest.fixture()
-def cli_env(settings, monkeypatch):
-    for name, value in settings_env(settings).items():
-        if name.startswith("LAYERLOG_"):
-            monkeypatch.setenv(name, value)
-
-
-async def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = await asyncio.to_thread(cli.main, list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def test_until_takes_one_time_or_partition_offsets():
