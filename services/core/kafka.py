@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from services.core.settings import MAX_CHUNK_CEILING, MIB, Settings
 
@@ -124,3 +125,33 @@ async def _retry_until(start: object, timeout: float, what: str) -> None:
                     f"{what} did not answer within {timeout:.0f}s: {error}"
                 ) from error
             await asyncio.sleep(0.5)
+
+
+async def warm_up(settings: Settings, timeout: float = 120.0) -> None:
+    """Makes Kafka create its internal topics now rather than under the first upload.
+
+    A fresh broker creates __consumer_offsets when the first group commits and
+    __transaction_state when the first transactional producer starts; either can take many
+    seconds, which the first upload would otherwise spend waiting.
+    """
+    kafka_consumer = consumer(settings, [], "layerlog-provision")
+    await _retry_until(kafka_consumer.start, timeout, "Kafka's group coordinator")
+    try:
+        tp = TopicPartition(settings.events_topic, 0)
+        kafka_consumer.assign([tp])
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await kafka_consumer.commit({tp: OffsetAndMetadata(0, "")})
+                break
+            except KafkaError as error:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"Kafka's group coordinator is not ready: {error}"
+                    ) from error
+                await asyncio.sleep(0.5)
+    finally:
+        await kafka_consumer.stop()
+    transactional = producer(settings, transactional_id="layerlog-provision")
+    await _retry_until(transactional.start, timeout, "Kafka's transaction coordinator")
+    await transactional.stop()

@@ -9,7 +9,7 @@ import asyncio
 import sys
 import time
 
-from services.core.kafka import ensure_topics
+from services.core.kafka import ensure_topics, warm_up
 from services.core.objectstore import ObjectStore
 from services.core.settings import Settings
 
@@ -21,6 +21,7 @@ async def provision(settings: Settings, timeout: float = 60.0) -> list[str]:
     report = []
     created = await ensure_topics(settings, timeout)
     report += [f"created topic {name}" for name in created]
+    await warm_up(settings, timeout)
     store = ObjectStore(settings)
     deadline = time.monotonic() + timeout
     while True:
