@@ -94,17 +94,23 @@ class ServiceProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", self.name],
-            env={
-                **settings_env(self.settings),
-                # Each process its own metrics port: replicas run side by side here.
-                "LAYERLOG_WORKER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
-                "LAYERLOG_VERIFIER_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
-            },
+            env=self._env(),
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         return self
+
+    def _env(self) -> dict[str, str]:
+        env = settings_env(self.settings)
+        # Replicas run side by side here: unless a test chose the metrics ports, each process
+        # gets free ones instead of the defaults, which only one process can hold.
+        defaults = Settings()
+        if self.settings.worker_metrics_listen == defaults.worker_metrics_listen:
+            env["LAYERLOG_WORKER_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"
+        if self.settings.verifier_metrics_listen == defaults.verifier_metrics_listen:
+            env["LAYERLOG_VERIFIER_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"
+        return env
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 20) -> int | None:
         if self.process is None or self.process.poll() is not None:

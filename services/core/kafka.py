@@ -134,6 +134,14 @@ async def warm_up(settings: Settings, timeout: float = 120.0) -> None:
     __transaction_state when the first transactional producer starts; either can take many
     seconds, which the first upload would otherwise spend waiting.
     """
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await _retry_until(admin.start, timeout, "Kafka at " + settings.kafka_bootstrap)
+    try:
+        internal = {"__consumer_offsets", "__transaction_state"} & set(await admin.list_topics())
+    finally:
+        await admin.close()
+    if len(internal) == 2:
+        return  # warmed up before: nothing to wait for
     kafka_consumer = consumer(settings, [], "layerlog-provision")
     await _retry_until(kafka_consumer.start, timeout, "Kafka's group coordinator")
     try:
