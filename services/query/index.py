@@ -199,13 +199,38 @@ class Index:
         """
         db = self._connection()
         with db:
+            # ChunkAppended is most of the log (one per chunk) and only moves an upload's durable
+            # offset forward: a run of them for one upload is one UPDATE (the highest offset, the
+            # last time). That upload's pending update is written before any other event of it,
+            # and rows of other uploads are independent, so the result is the same as one by one.
+            chunks: dict[str, tuple[int, int]] = {}
             for event in events:
-                if event is not None:
-                    self._apply_one(db, event)
+                if event is None:
+                    continue
+                if isinstance(event, ChunkAppended):
+                    seen = chunks.get(event.upload_id)
+                    durable = (
+                        event.durable_offset if seen is None else max(seen[0], event.durable_offset)
+                    )
+                    chunks[event.upload_id] = (durable, _ms(event.occurred_at))
+                    continue
+                if event.upload_id in chunks:
+                    self._chunks_appended(db, {event.upload_id: chunks.pop(event.upload_id)})
+                self._apply_one(db, event)
+            self._chunks_appended(db, chunks)
             db.executemany(
                 "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
                 "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
                 [(topic, p, o) for p, o in next_offsets.items()],
+            )
+
+    @staticmethod
+    def _chunks_appended(db: sqlite3.Connection, chunks: dict[str, tuple[int, int]]) -> None:
+        if chunks:
+            db.executemany(
+                "UPDATE uploads SET durable_offset = max(durable_offset, ?), updated_at = ? "
+                "WHERE upload_id = ?",
+                [(durable, at, upload_id) for upload_id, (durable, at) in chunks.items()],
             )
 
     def _apply_one(self, db: sqlite3.Connection, event: Event) -> None:
