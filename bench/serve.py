@@ -23,16 +23,6 @@ import sys
 from services.core.settings import Settings
 
 
-def _own_consumer_groups(settings: Settings) -> None:
-    from services.upload_worker import service as worker
-    from services.verifier import service as verifier
-
-    if hasattr(worker, "GROUP_ID"):
-        worker.GROUP_ID = f"{worker.GROUP_ID}.{settings.commands_topic}"
-    if hasattr(verifier, "GROUP_ID"):
-        verifier.GROUP_ID = f"{verifier.GROUP_ID}.{settings.events_topic}"
-
-
 def _direct(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench.serve")
     parser.add_argument("service", choices=("upload-worker", "verifier", "query"))
@@ -69,7 +59,6 @@ def _direct(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    _own_consumer_groups(Settings.from_env())
     try:
         from services.cli import build_parser
         from services.cli import main as cli_main

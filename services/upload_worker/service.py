@@ -1,6 +1,7 @@
 """The upload worker: consumes upload commands, stages chunks in object storage, emits events.
 
-Replicas share the commands topic's partitions through the consumer group `layerlog-upload-worker`.
+Replicas share the commands topic's partitions through the consumer group
+`layerlog-upload-worker.<commands topic>`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from services.upload_worker.staging import StagingArea
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "layerlog-upload-worker"
+
+def group_id(settings: Settings) -> str:
+    # Named after the topic too: stacks on other topics (test runs, a second tenant) then form
+    # groups of their own instead of rebalancing this one every time they start or stop.
+    return f"layerlog-upload-worker.{settings.commands_topic}"
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
@@ -29,7 +34,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         settings,
         name="upload-worker",
         input_topic=settings.commands_topic,
-        group_id=GROUP_ID,
+        group_id=group_id(settings),
         handle=handler.handle,
         is_transient=objectstore.is_transient,
         on_error=handler.on_error,

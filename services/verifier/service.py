@@ -32,7 +32,10 @@ from services.verifier.verdicts import Judge, Verdict, verdict_key
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "layerlog-verifier"
+
+def group_id(settings: Settings) -> str:
+    # Named after the topic too, for the same reason as the upload worker's group.
+    return f"layerlog-verifier.{settings.events_topic}"
 
 
 class Verifier:
@@ -118,7 +121,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         settings,
         name="verifier",
         input_topic=settings.events_topic,
-        group_id=GROUP_ID,
+        group_id=group_id(settings),
         handle=verifier.handle,
         is_transient=objectstore.is_transient,
         on_error=verifier.on_error,
