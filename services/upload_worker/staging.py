@@ -3,7 +3,8 @@
 Layout in the bucket, per upload:
   upload-state/<uuid>.json        the upload's state; writing it is the commit point of every step
   uploads/<uuid>/pending/<offset>  chunks not yet part of a multipart part (S3 parts are >= 5 MiB)
-  uploads/<uuid>/data              the multipart upload; once completed, the assembled layer
+  uploads/<uuid>/data              the assembled layer: a multipart upload, created with the first
+                                   5 MiB part, or for a smaller layer one PUT of its pending bytes
 
 A chunk is durable once its bytes are in a pending object or a part *and* the state names them.
 A crash between the two leaves bytes the state does not name; the redelivered command writes them
@@ -52,7 +53,7 @@ class UploadState:
     upload_id: str
     repository: str
     status: str
-    multipart_id: str
+    multipart_id: str  # "" until the first part is staged
     started_by: str
     created_ms: int
     updated_ms: int
@@ -124,16 +125,13 @@ class StagingArea:
         now_ms: int,
         chain_head: str,
     ) -> UploadState:
-        key = staging_key(upload_id)
-        # A crash after creating the multipart upload but before saving the state would leak it;
-        # the redelivered StartUpload finds and adopts it instead of creating another.
-        existing = [mp for k, mp in await self.store.multipart_uploads(key) if k == key]
-        multipart_id = existing[0] if existing else await self.store.start_multipart(key)
+        # No multipart upload yet: most layers are small enough for one PUT at finish, and the
+        # start of an upload is then a single write.
         state = UploadState(
             upload_id=upload_id,
             repository=repository,
             status=Status.OPEN,
-            multipart_id=multipart_id,
+            multipart_id="",
             started_by=command_id,
             started_from=source,
             created_ms=now_ms,
@@ -155,6 +153,7 @@ class StagingArea:
             obsolete: tuple[PendingChunk, ...] = ()
         else:
             body = await self._pending_data(state) + data
+            state = replace(state, multipart_id=await self._multipart_id(state))
             part = await self.store.put_part(
                 state.staging_key, state.multipart_id, len(state.parts) + 1, body
             )
@@ -177,21 +176,25 @@ class StagingArea:
         """Assembles the staged bytes into state.staging_key and marks the upload finished."""
         parts = state.parts
         try:
-            if state.pending:
-                # The last part of a multipart upload may be smaller than the minimum.
-                tail = await self._pending_data(state)
-                number = len(parts) + 1
-                parts = (
-                    *parts,
-                    await self.store.put_part(state.staging_key, state.multipart_id, number, tail),
-                )
-            if parts:
+            if not parts:
+                # Smaller than one part: the layer is its pending chunks, written in one PUT.
+                await self.store.put(state.staging_key, await self._pending_data(state))
+                if state.multipart_id:  # states written before multipart uploads were lazy
+                    await self.store.abort_multipart(state.staging_key, state.multipart_id)
+            else:
+                if state.pending:
+                    # The last part of a multipart upload may be smaller than the minimum.
+                    tail = await self._pending_data(state)
+                    number = len(parts) + 1
+                    parts = (
+                        *parts,
+                        await self.store.put_part(
+                            state.staging_key, state.multipart_id, number, tail
+                        ),
+                    )
                 await self.store.complete_multipart(
                     state.staging_key, state.multipart_id, list(parts)
                 )
-            else:
-                await self.store.abort_multipart(state.staging_key, state.multipart_id)
-                await self.store.put(state.staging_key, b"")
         except ObjectNotFound:
             # The run that crashed before saving the state had completed the upload already;
             # stat raises ObjectNotFound again if the assembled object is not there either.
@@ -234,9 +237,24 @@ class StagingArea:
         )
         # The tombstone is saved first: once it says closed, no append can stage bytes again.
         await self.save(closed)
-        await self.store.abort_multipart(state.staging_key, state.multipart_id)
+        for multipart_id in await self._multipart_ids(state):
+            await self.store.abort_multipart(state.staging_key, multipart_id)
         await self.store.delete_prefix(f"uploads/{state.upload_id}/")
         return closed
+
+    async def _multipart_ids(self, state: UploadState) -> set[str]:
+        """The upload's multipart uploads: the state's, and one a crash kept it from naming."""
+        key = state.staging_key
+        found = {mp for k, mp in await self.store.multipart_uploads(key) if k == key}
+        return found | {state.multipart_id} - {""}
+
+    async def _multipart_id(self, state: UploadState) -> str:
+        if state.multipart_id:
+            return state.multipart_id
+        # A crash after creating the multipart upload but before saving the state would leak
+        # it; the redelivered command finds and adopts it instead of creating another.
+        existing = await self._multipart_ids(state)
+        return min(existing) if existing else await self.store.start_multipart(state.staging_key)
 
     async def _pending_data(self, state: UploadState) -> bytes:
         pieces = await asyncio.gather(*(self.store.get(c.key) for c in state.pending))
