@@ -32,6 +32,9 @@ from services.verifier.verdicts import Judge, Verdict, verdict_key
 
 log = logging.getLogger(__name__)
 
+# Layers up to this size are judged while the stored-verdict lookup is in flight.
+OVERLAP_BYTES = 1 << 20
+
 
 def group_id(settings: Settings) -> str:
     # Named after the topic too, for the same reason as the upload worker's group.
@@ -64,22 +67,35 @@ class Verifier:
     async def decide(self, event: UploadFinished, source: str) -> Verdict | None:
         """The verdict to publish for this record, or None if another record got it already."""
         key = verdict_key(event.upload_id)
-        try:
-            verdict = Verdict.from_json(await self.store.get(key))
-        except ObjectNotFound:
-            verdict = await self.judge.judge(
-                event.staging_key, event.size, event.staged_size, event.digest
-            )
+        if event.staged_size <= OVERLAP_BYTES:
+            # A small layer's check is a few round trips: asking whether a verdict is stored
+            # at the same time saves one, and a judgement made for nothing costs little.
+            stored, judged = await asyncio.gather(self._stored(key), self._judge(event))
+        else:
+            stored, judged = await self._stored(key), None
+        if stored is not None and stored.source != source:
+            return None  # one upload, one verdict: this UploadFinished is a second copy
+        verdict = stored
+        if verdict is None:
+            verdict = judged or await self._judge(event)
             if verdict.committed:
                 verdict = await self.judge.deduplicate(event.digest, verdict)
             verdict = replace(verdict, source=source, at_ms=time.time_ns() // 1_000_000)
             await self.store.put(key, verdict.to_json())
-        else:
-            if verdict.source != source:
-                return None  # one upload, one verdict: this UploadFinished is a second copy
         if not verdict.committed:
             await self.store.delete_prefix(f"uploads/{event.upload_id}/")
         return verdict
+
+    async def _judge(self, event: UploadFinished) -> Verdict:
+        return await self.judge.judge(
+            event.staging_key, event.size, event.staged_size, event.digest
+        )
+
+    async def _stored(self, key: str) -> Verdict | None:
+        try:
+            return Verdict.from_json(await self.store.get(key))
+        except ObjectNotFound:
+            return None
 
     def verdict_event(self, event: UploadFinished, verdict: Verdict, prev_hash: str) -> Event:
         common = {
