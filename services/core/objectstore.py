@@ -10,6 +10,7 @@ import asyncio
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import urllib3
 from minio import Minio
@@ -132,6 +133,13 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+    def presigned_get_url(self, key: str, expires: timedelta) -> str:
+        """A URL anyone holding it can GET (Range too) the object with until it expires.
+
+        Signing is local (no request: the region is configured), so it runs on the caller's loop.
+        """
+        return self.client.presigned_get_object(self.bucket, key, expires=expires)
 
     async def stat(self, key: str) -> ObjectInfo:
         def stat() -> ObjectInfo:

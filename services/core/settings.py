@@ -46,6 +46,9 @@ class Settings:
     max_chunk_bytes: int = 8 * MIB
     part_size: int = S3_MIN_PART_SIZE
     index_path: str = "layerlog-index.sqlite"
+    # GET of a layer answers 307 to a presigned S3 URL instead of streaming the bytes through
+    # the query service, as registries do; clients must then reach s3_endpoint themselves.
+    blob_redirect: bool = False
     upload_ttl_seconds: int = 7 * 24 * 3600
     # How often each upload worker looks for idle uploads in the partitions it owns.
     expiry_interval_seconds: int = 600

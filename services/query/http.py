@@ -11,6 +11,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,8 @@ from services.query.index import Index, LayerRow, UploadRow, UploadStates
 from services.query.projection import Projection
 
 MAX_WAIT_SECONDS = 60.0
+# Long enough for a slow client to read a big layer; S3 checks the expiry when a read starts.
+REDIRECT_EXPIRY = timedelta(minutes=15)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 REQUESTS = Counter(
@@ -74,10 +77,18 @@ def _position(digits: str) -> int:
 
 
 class QueryApi:
-    def __init__(self, index: Index, store: ObjectStore, projection: Projection | None) -> None:
+    def __init__(
+        self,
+        index: Index,
+        store: ObjectStore,
+        projection: Projection | None,
+        *,
+        redirect: bool = False,
+    ) -> None:
         self.index = index
         self.store = store
         self.projection = projection
+        self.redirect = redirect
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[str, Any] = {}
 
@@ -151,6 +162,12 @@ class QueryApi:
         headers = _layer_headers(layer)
         if request.method == "HEAD":
             return web.Response(status=200, headers={**headers, "Content-Length": str(layer.size)})
+        if self.redirect:
+            # The client reads from S3 itself (its Range header goes along); the bytes never
+            # pass through this process.
+            location = self.store.presigned_get_url(layer.object_key, REDIRECT_EXPIRY)
+            headers["Location"] = location
+            return web.Response(status=307, headers=headers)
         return await self._send(request, layer, headers)
 
     async def _send(

@@ -25,7 +25,7 @@ async def run(
 ) -> None:
     index = Index(index_path or settings.index_path, read_only=read_only)
     projection = None if read_only else Projection(settings, index)
-    api = QueryApi(index, ObjectStore(settings), projection)
+    api = QueryApi(index, ObjectStore(settings), projection, redirect=settings.blob_redirect)
     # Long request lines must reach the handlers, which answer them with a JSON 400, rather than
     # the HTTP parser's plain-text refusal.
     runner = web.AppRunner(api.app(), access_log=None, max_line_size=65536, max_field_size=65536)
