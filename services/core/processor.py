@@ -95,6 +95,12 @@ class Processor:
         self.max_records = max_records
         self.consumer: AIOKafkaConsumer | None = None
         self.producers: dict[int, AIOKafkaProducer] = {}
+        # The partitions taken over and not released, with the offset of the next record to
+        # apply (None: no committed offset, start where the consumer starts). A batch fetched
+        # before a take-over or a release may still be handed out after it: records of a
+        # partition not in here, or before its next offset, were applied already or are not
+        # ours, and applying them again would publish their outputs twice.
+        self.positions: dict[TopicPartition, int | None] = {}
         # Held while a batch is applied and committed: a revocation waits for the commit, so the
         # next owner reads offsets that include it.
         self.in_flight = asyncio.Lock()
@@ -139,19 +145,24 @@ class Processor:
     async def take_over(self, assigned: set[TopicPartition]) -> None:
         log.info("%s: assigned partitions %s", self.name, sorted(tp.partition for tp in assigned))
         assert self.consumer is not None
-        for tp in assigned:
-            # A fresh producer every time: one kept from an earlier turn may have been fenced
-            # by the replica that owned the partition in between. Starting it fences that one.
-            await self._forget_producer(tp.partition)
-            await self._producer(tp.partition)
-            committed = await self.consumer.committed(tp)
-            if committed is not None:
-                self.consumer.seek(tp, committed)
+        # Under the lock: a batch being applied finishes first, and none starts half-way.
+        async with self.in_flight:
+            for tp in assigned:
+                # A fresh producer every time: one kept from an earlier turn may have been
+                # fenced by the replica that owned the partition in between. Starting it fences
+                # that one, and settles its open transaction, before the offset is read.
+                await self._forget_producer(tp.partition)
+                await self._producer(tp.partition)
+                committed = await self.consumer.committed(tp)
+                if committed is not None:
+                    self.consumer.seek(tp, committed)
+                self.positions[tp] = committed
 
     async def release(self, revoked: set[TopicPartition]) -> None:
         async with self.in_flight:
             self.on_revoked(revoked)
             for tp in revoked:
+                self.positions.pop(tp, None)
                 await self._forget_producer(tp.partition)
                 # Another replica reports this partition's lag now; a stale value here would
                 # add to it on the dashboard.
@@ -180,6 +191,13 @@ class Processor:
     # Applying and committing
 
     async def _process(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        if tp not in self.positions:
+            return  # not ours (any more): its new owner applies these records
+        after = self.positions[tp]
+        if after is not None:
+            records = [record for record in records if record.offset >= after]
+        if not records:
+            return
         outputs: list[Output] = []
         applied: list[tuple[float, list[Output]]] = []
         for record in records:
@@ -242,11 +260,14 @@ class Processor:
                     sends.append(await producer.send(output.topic, output.value, key=output.key))
                 await producer.send_offsets_to_transaction({tp: next_offset}, self.group_id)
             await asyncio.gather(*sends)
+            self.positions[tp] = next_offset
             return True
         except ProducerFenced:
-            # Another replica owns the partition now and has aborted our transaction.
+            # Another replica owns the partition now and has aborted our transaction; the
+            # rebalance that follows revokes it from us.
             log.warning("%s: fenced on partition %d; leaving it", self.name, tp.partition)
             metrics.COMMIT_FAILURES.labels(tp.topic, "fenced").inc()
+            self.positions.pop(tp, None)
             await self._forget_producer(tp.partition)
             return False
         except KafkaError as error:
@@ -274,7 +295,9 @@ class Processor:
         if (committed or 0) < next_offset:
             if tp in self.consumer.assignment():
                 self.consumer.seek(tp, records[0].offset)
+                self.positions[tp] = records[0].offset
             return False
+        self.positions[tp] = next_offset
         return True
 
     # Metrics
