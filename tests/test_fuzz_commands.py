@@ -101,6 +101,7 @@ async def test_random_and_mutated_commands(settings, store: ObjectStore):
         upload_id = str(uuid.uuid4())
         start = StartUpload(upload_id=upload_id, repository="fuzz/target")
         outputs = await handler.handle(as_record(CODEC.encode(start), offset))
+        await handler.settle(0)  # what the processor does before it publishes
         offset += 1
         assert "UploadStarted" in repr(CODEC.decode(outputs[0].value))
         return upload_id
@@ -122,6 +123,7 @@ async def test_random_and_mutated_commands(settings, store: ObjectStore):
         except DecodeError:
             pass  # the decoder may refuse; it may not raise anything else
         outputs = await handler.handle(as_record(value, offset))
+        await handler.settle(0)
         offset += 1
         decoded = [CODEC.decode(o.value) for o in outputs]
         after = await staging.load(upload_id)

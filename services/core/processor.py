@@ -53,6 +53,10 @@ class Output:
 Handler = Callable[[ConsumerRecord], Awaitable[list[Output]]]
 
 
+async def _nothing_to_settle(partition: int) -> None:
+    return None
+
+
 def backoff(attempt: int) -> float:
     """Capped exponential backoff with jitter, so replicas do not retry in lockstep."""
     ceiling = min(MAX_BACKOFF_SECONDS, 0.1 * 2**attempt)
@@ -82,6 +86,8 @@ class Processor:
         is_transient: Callable[[BaseException], bool],
         on_error: Callable[[ConsumerRecord, Exception], list[Output]],
         on_revoked: Callable[[set[TopicPartition]], None] = lambda _: None,
+        settle: Callable[[int], Awaitable[None]] = _nothing_to_settle,
+        abandon: Callable[[int], None] = lambda _: None,
         max_records: int = 200,
     ) -> None:
         self.settings = settings
@@ -92,6 +98,11 @@ class Processor:
         self.is_transient = is_transient
         self.on_error = on_error
         self.on_revoked = on_revoked
+        # A handler may defer its writes: settle(partition) makes the applied records' effects
+        # durable before their outputs are published; abandon(partition) drops what was not
+        # settled when the records will be applied again instead.
+        self.settle = settle
+        self.abandon = abandon
         self.max_records = max_records
         self.consumer: AIOKafkaConsumer | None = None
         self.producers: dict[int, AIOKafkaProducer] = {}
@@ -205,11 +216,42 @@ class Processor:
             with logs.bound(upload_id=_key_text(record.key)):
                 timed = await self._apply_one(record)
             if timed is None:  # stopping: nothing committed, the records replay
+                self.abandon(tp.partition)
                 return
             applied.append(timed)
             outputs += timed[1]
-        if await self._commit(tp, records, outputs):
+        if await self._settle(tp) and await self._commit(tp, records, outputs):
             self._observe(tp.topic, applied)
+
+    async def _settle(self, tp: TopicPartition) -> bool:
+        """True once the handler's deferred effects are durable; False when stopping first."""
+        attempt = 0
+        while True:
+            try:
+                await self.settle(tp.partition)
+                return True
+            except Exception as error:
+                if self.stop.is_set():
+                    self.abandon(tp.partition)
+                    return False
+                attempt += 1
+                delay = backoff(attempt)
+                if self.is_transient(error):
+                    log.warning(
+                        "%s: settling partition %d: %s; retrying in %.1fs",
+                        self.name,
+                        tp.partition,
+                        error,
+                        delay,
+                    )
+                else:
+                    log.exception(
+                        "%s: settling partition %d failed; retrying in %.1fs",
+                        self.name,
+                        tp.partition,
+                        delay,
+                    )
+                await asyncio.sleep(delay)
 
     async def _apply_one(self, record: ConsumerRecord) -> tuple[float, list[Output]] | None:
         """The record's outputs and how long the handle() call that produced them took."""

@@ -86,12 +86,27 @@ class CommandHandler:
         self.staging = staging
         # Upload states this worker wrote last, by upload id, with the partition they live in.
         self.cache: OrderedDict[str, tuple[int, UploadState]] = OrderedDict()
+        # Uploads changed since their partition's last settle(), by partition.
+        self.touched: dict[int, set[str]] = {}
 
     def forget(self, revoked: set[TopicPartition]) -> None:
         """Another worker may own these partitions now: its writes would make our cache stale."""
         partitions = {tp.partition for tp in revoked if tp.topic == self.settings.commands_topic}
         for upload_id in [u for u, (p, _) in self.cache.items() if p in partitions]:
             del self.cache[upload_id]
+
+    async def settle(self, partition: int) -> None:
+        """Makes the changes of the partition's applied commands durable; called before their
+        events are published. Raises if storage fails; calling it again goes on from there."""
+        await self.staging.save(self.touched.get(partition, ()))
+        self.touched.pop(partition, None)
+
+    def abandon(self, partition: int) -> None:
+        """The partition's unsettled commands will be applied again (by us or another owner)."""
+        upload_ids = self.touched.pop(partition, set())
+        self.staging.drop(upload_ids)
+        for upload_id in upload_ids:
+            self.cache.pop(upload_id, None)
 
     async def handle(self, record: ConsumerRecord) -> list[Output]:
         try:
@@ -151,6 +166,7 @@ class CommandHandler:
     def _remember(self, state: UploadState, partition: int) -> None:
         self.cache[state.upload_id] = (partition, state)
         self.cache.move_to_end(state.upload_id)
+        self.touched.setdefault(partition, set()).add(state.upload_id)
         while len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
 
@@ -171,7 +187,7 @@ class CommandHandler:
                 raise Rejected(RejectReason.INVALID_REPOSITORY, str(error)) from None
             at = now_ms()
             event = self._started(command, at)
-            state = await self.staging.start(
+            state = self.staging.start(
                 command.upload_id,
                 command.repository,
                 command.command_id,
@@ -195,6 +211,11 @@ class CommandHandler:
         )
 
     async def _append(self, command: AppendChunk, state: UploadState, src: Source) -> list[Event]:
+        applied = next((c for c in state.ledger if c.command_id == command.command_id), None)
+        if applied is not None:
+            # Looked up first: the upload may have been finished or cancelled since, by a later
+            # command of a batch whose events did not commit and which is applied again now.
+            return self._applied_again(command, applied, state.durable_offset, src)
         self._check_open(state)
         length = len(command.data)
         if length > self.settings.max_chunk_bytes:
@@ -247,10 +268,20 @@ class CommandHandler:
                 f"the upload's durable offset is {durable}",
                 expected_offset=durable,
             )
-        if hashlib.sha256(command.data).hexdigest() != applied.sha256:
+        return self._applied_again(command, applied, durable, src)
+
+    def _applied_again(
+        self, command: AppendChunk, applied: ChunkRecord, durable: int, src: Source
+    ) -> list[Event]:
+        if (
+            applied.offset != command.offset
+            or applied.length != len(command.data)
+            or hashlib.sha256(command.data).hexdigest() != applied.sha256
+        ):
             raise Rejected(
                 RejectReason.CHUNK_CONFLICT,
-                f"different bytes at applied offset {command.offset}",
+                f"offset {command.offset} or command {command.command_id} was applied before "
+                "with different bytes",
                 expected_offset=durable,
             )
         if applied.source == src.tag:
@@ -336,7 +367,7 @@ class CommandHandler:
             occurred_at=at_ms(closing["at_ms"]),
             prev_hash=closing["prev_hash"],
         )
-        state = await self.staging.discard(
+        state = self.staging.discard(
             state, Status.CANCELLED, command.command_id, src.tag, closing, _hash(event)
         )
         self._remember(state, src.partition)
@@ -374,7 +405,7 @@ class CommandHandler:
             occurred_at=at_ms(closing["at_ms"]),
             prev_hash=closing["prev_hash"],
         )
-        state = await self.staging.discard(
+        state = self.staging.discard(
             state, Status.EXPIRED, command.command_id, src.tag, closing, _hash(event)
         )
         self._remember(state, src.partition)

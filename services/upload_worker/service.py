@@ -15,7 +15,7 @@ from services.core.processor import Processor
 from services.core.settings import Settings
 from services.upload_worker.expiry import Expiry
 from services.upload_worker.handler import CommandHandler
-from services.upload_worker.staging import StagingArea
+from services.upload_worker.staging import LEDGER_LENGTH, StagingArea
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         is_transient=objectstore.is_transient,
         on_error=handler.on_error,
         on_revoked=handler.forget,
+        settle=handler.settle,
+        abandon=handler.abandon,
+        # A batch applied again must find each of its chunks in the upload's ledger.
+        max_records=LEDGER_LENGTH // 2,
     )
     expiry = Expiry(settings, store, staging, processor.owned_partitions, processor.partition_count)
     stop_metrics = metrics.serve(settings.worker_metrics_listen, "upload-worker")

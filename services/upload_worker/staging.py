@@ -1,25 +1,31 @@
 """The staging area: where an upload's bytes wait in object storage until it is finished.
 
 Layout in the bucket, per upload:
-  upload-state/<uuid>.json        the upload's state; writing it is the commit point of every step
+  upload-state/<uuid>.json        the upload's state; writing it is the commit point of its steps
   uploads/<uuid>/pending/<offset>  chunks not yet part of a multipart part (S3 parts are >= 5 MiB)
   uploads/<uuid>/data              the assembled layer: a multipart upload, created with the first
                                    5 MiB part, or for a smaller layer one PUT of its pending bytes
 
-A chunk is durable once its bytes are in a pending object or a part *and* the state names them.
-A crash between the two leaves bytes the state does not name; the redelivered command writes them
-again under the same key or part number, so replaying changes nothing.
+The upload worker applies a batch of commands, then save()s once before it publishes the batch's
+events: each touched upload's state is written once, and the small chunks applied since the last
+save are merged into one pending object per upload. A chunk is durable once its bytes are in a
+pending object or a part *and* a saved state names them. A crash before save() leaves at most
+bytes no state names; the batch's commands were not committed, so they are applied again and
+write the same keys and part numbers again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 
 from services.core.objectstore import ObjectNotFound, ObjectStore, StagedPart
 
-LEDGER_LENGTH = 64  # redeliveries replay the last few commands; older chunks are not kept
+# A batch whose events did not commit is applied again, and each of its chunks is recognised
+# by its ledger entry: the ledger must hold more chunks than a batch (the worker's max_records).
+LEDGER_LENGTH = 256
 
 
 class Status:
@@ -91,6 +97,9 @@ class UploadState:
         return cls(**raw)
 
 
+Removal = Callable[[], Awaitable[None]]
+
+
 def staging_key(upload_id: str) -> str:
     return f"uploads/{upload_id}/data"
 
@@ -103,20 +112,28 @@ def state_key(upload_id: str) -> str:
 
 
 class StagingArea:
+    """Stages chunks; the states the verbs return are written by save(), once per batch.
+
+    Until then the changes live here: the states, the bytes of small chunks not written yet, and
+    removals that must wait until no saved state names what they remove.
+    """
+
     def __init__(self, store: ObjectStore, part_size: int) -> None:
         self.store = store
         self.part_size = part_size
+        self.unsaved: dict[str, UploadState] = {}  # by upload id
+        self.unwritten: dict[str, list[bytes]] = {}  # pending key -> its bytes, in pieces
+        self.removals: dict[str, list[Removal]] = {}  # by upload id: run after its save
 
     async def load(self, upload_id: str) -> UploadState | None:
+        if upload_id in self.unsaved:
+            return self.unsaved[upload_id]
         try:
             return UploadState.from_json(await self.store.get(state_key(upload_id)))
         except ObjectNotFound:
             return None
 
-    async def save(self, state: UploadState) -> None:
-        await self.store.put(state_key(state.upload_id), state.to_json())
-
-    async def start(
+    def start(
         self,
         upload_id: str,
         repository: str,
@@ -125,50 +142,56 @@ class StagingArea:
         now_ms: int,
         chain_head: str,
     ) -> UploadState:
-        # No multipart upload yet: most layers are small enough for one PUT at finish, and the
-        # start of an upload is then a single write.
-        state = UploadState(
-            upload_id=upload_id,
-            repository=repository,
-            status=Status.OPEN,
-            multipart_id="",
-            started_by=command_id,
-            started_from=source,
-            created_ms=now_ms,
-            updated_ms=now_ms,
-            chain_head=chain_head,
+        # No multipart upload yet: most layers are small enough for one PUT at finish.
+        return self._changed(
+            UploadState(
+                upload_id=upload_id,
+                repository=repository,
+                status=Status.OPEN,
+                multipart_id="",
+                started_by=command_id,
+                started_from=source,
+                created_ms=now_ms,
+                updated_ms=now_ms,
+                chain_head=chain_head,
+            )
         )
-        await self.save(state)
-        return state
 
     async def append(
         self, state: UploadState, data: bytes, record: ChunkRecord, chain_head: str
     ) -> UploadState:
-        """Makes data (which starts at state.durable_offset) durable; returns the saved state."""
+        """Stages data, which starts at state.durable_offset; durable once saved."""
         offset = state.durable_offset
+        parts, pending = state.parts, state.pending
         if state.pending_bytes + len(data) < self.part_size:
-            key = f"uploads/{state.upload_id}/pending/{offset:020d}"
-            await self.store.put(key, data)
-            parts, pending = state.parts, (*state.pending, PendingChunk(offset, len(data), key))
-            obsolete: tuple[PendingChunk, ...] = ()
+            last = pending[-1] if pending else None
+            if last is not None and last.key in self.unwritten:
+                # Chunks applied since the last save share one pending object.
+                self.unwritten[last.key].append(data)
+                merged = PendingChunk(last.offset, last.length + len(data), last.key)
+                pending = (*pending[:-1], merged)
+            else:
+                key = f"uploads/{state.upload_id}/pending/{offset:020d}"
+                self.unwritten[key] = [data]
+                pending = (*pending, PendingChunk(offset, len(data), key))
         else:
             body = await self._pending_data(state) + data
             state = replace(state, multipart_id=await self._multipart_id(state))
             part = await self.store.put_part(
-                state.staging_key, state.multipart_id, len(state.parts) + 1, body
+                state.staging_key, state.multipart_id, len(parts) + 1, body
             )
-            parts, pending, obsolete = (*state.parts, part), (), state.pending
-        updated = replace(
-            state,
-            parts=parts,
-            pending=pending,
-            ledger=(*state.ledger, record)[-LEDGER_LENGTH:],
-            updated_ms=record.at_ms,
-            chain_head=chain_head,
+            self._obsolete(state, pending)
+            parts, pending = (*parts, part), ()
+        return self._changed(
+            replace(
+                state,
+                parts=parts,
+                pending=pending,
+                ledger=(*state.ledger, record)[-LEDGER_LENGTH:],
+                updated_ms=record.at_ms,
+                chain_head=chain_head,
+            )
         )
-        await self.save(updated)
-        await self._delete_pending(obsolete)
-        return updated
 
     async def finish(
         self, state: UploadState, finish: dict[str, object], chain_head: str
@@ -199,22 +222,22 @@ class StagingArea:
             # The run that crashed before saving the state had completed the upload already;
             # stat raises ObjectNotFound again if the assembled object is not there either.
             await self.store.stat(state.staging_key)
-        finished = replace(
-            state,
-            status=Status.FINISHED,
-            parts=parts,
-            pending=(),
-            closed_by=str(finish["command_id"]),
-            closed_from=str(finish["source"]),
-            finish=finish,
-            updated_ms=int(finish["at_ms"]),  # type: ignore[call-overload]
-            chain_head=chain_head,
+        self._obsolete(state, state.pending)
+        return self._changed(
+            replace(
+                state,
+                status=Status.FINISHED,
+                parts=parts,
+                pending=(),
+                closed_by=str(finish["command_id"]),
+                closed_from=str(finish["source"]),
+                finish=finish,
+                updated_ms=int(finish["at_ms"]),  # type: ignore[call-overload]
+                chain_head=chain_head,
+            )
         )
-        await self.save(finished)
-        await self._delete_pending(state.pending)
-        return finished
 
-    async def discard(
+    def discard(
         self,
         state: UploadState,
         status: str,
@@ -223,24 +246,77 @@ class StagingArea:
         closing: dict[str, object],
         chain_head: str,
     ) -> UploadState:
-        """Removes every staged byte of an open upload; the state stays as a tombstone."""
-        closed = replace(
-            state,
-            status=status,
-            parts=(),
-            pending=(),
-            closed_by=command_id,
-            closed_from=source,
-            closing=closing,
-            updated_ms=int(closing["at_ms"]),  # type: ignore[call-overload]
-            chain_head=chain_head,
+        """Closes an open upload; every staged byte is removed once the closed state is saved,
+        so no later append can stage bytes again in between."""
+        for chunk in state.pending:
+            self.unwritten.pop(chunk.key, None)
+        self.removals.setdefault(state.upload_id, []).append(lambda: self._remove_all(state))
+        return self._changed(
+            replace(
+                state,
+                status=status,
+                parts=(),
+                pending=(),
+                closed_by=command_id,
+                closed_from=source,
+                closing=closing,
+                updated_ms=int(closing["at_ms"]),  # type: ignore[call-overload]
+                chain_head=chain_head,
+            )
         )
-        # The tombstone is saved first: once it says closed, no append can stage bytes again.
-        await self.save(closed)
+
+    async def save(self, upload_ids: Iterable[str]) -> None:
+        """Writes the uploads' unwritten chunks and states, then runs their removals.
+
+        Safe to call again after a failure: what was written is not written twice."""
+        ids = list(upload_ids)
+        await asyncio.gather(*(self._save_one(u) for u in ids if u in self.unsaved))
+        await asyncio.gather(*(self._remove(u) for u in ids if u in self.removals))
+
+    def drop(self, upload_ids: Iterable[str]) -> None:
+        """Forgets the uploads' unsaved changes: their commands are about to be applied again."""
+        for upload_id in upload_ids:
+            self.unsaved.pop(upload_id, None)
+            self.removals.pop(upload_id, None)
+            prefix = f"uploads/{upload_id}/"
+            for key in [k for k in self.unwritten if k.startswith(prefix)]:
+                del self.unwritten[key]
+
+    async def _save_one(self, upload_id: str) -> None:
+        state = self.unsaved[upload_id]
+        for chunk in state.pending:
+            pieces = self.unwritten.get(chunk.key)
+            if pieces is not None:
+                await self.store.put(chunk.key, b"".join(pieces))
+                del self.unwritten[chunk.key]
+        await self.store.put(state_key(upload_id), state.to_json())
+        if self.unsaved.get(upload_id) is state:
+            del self.unsaved[upload_id]
+
+    async def _remove(self, upload_id: str) -> None:
+        removals = self.removals[upload_id]
+        while removals:
+            await removals[0]()
+            removals.pop(0)  # only once done: a failed removal is tried again by the next save
+        del self.removals[upload_id]
+
+    def _changed(self, state: UploadState) -> UploadState:
+        self.unsaved[state.upload_id] = state
+        return state
+
+    def _obsolete(self, state: UploadState, chunks: tuple[PendingChunk, ...]) -> None:
+        """These pending chunks are in a part or the assembled layer now."""
+        written = [c.key for c in chunks if self.unwritten.pop(c.key, None) is None]
+        if written:
+            self.removals.setdefault(state.upload_id, []).append(lambda: self._delete_keys(written))
+
+    async def _remove_all(self, state: UploadState) -> None:
         for multipart_id in await self._multipart_ids(state):
             await self.store.abort_multipart(state.staging_key, multipart_id)
         await self.store.delete_prefix(f"uploads/{state.upload_id}/")
-        return closed
+
+    async def _delete_keys(self, keys: list[str]) -> None:
+        await asyncio.gather(*(self.store.delete(key) for key in keys))
 
     async def _multipart_ids(self, state: UploadState) -> set[str]:
         """The upload's multipart uploads: the state's, and one a crash kept it from naming."""
@@ -252,13 +328,13 @@ class StagingArea:
         if state.multipart_id:
             return state.multipart_id
         # A crash after creating the multipart upload but before saving the state would leak
-        # it; the redelivered command finds and adopts it instead of creating another.
+        # it; the command applied again finds and adopts it instead of creating another.
         existing = await self._multipart_ids(state)
         return min(existing) if existing else await self.store.start_multipart(state.staging_key)
 
     async def _pending_data(self, state: UploadState) -> bytes:
-        pieces = await asyncio.gather(*(self.store.get(c.key) for c in state.pending))
-        return b"".join(pieces)
+        async def data(chunk: PendingChunk) -> bytes:
+            pieces = self.unwritten.get(chunk.key)
+            return b"".join(pieces) if pieces is not None else await self.store.get(chunk.key)
 
-    async def _delete_pending(self, chunks: tuple[PendingChunk, ...]) -> None:
-        await asyncio.gather(*(self.store.delete(c.key) for c in chunks))
+        return b"".join(await asyncio.gather(*(data(c) for c in state.pending)))

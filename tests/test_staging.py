@@ -1,0 +1,158 @@
+"""The upload worker's handler and staging area on the real object store, batch by batch.
+
+The worker applies a batch of commands, settles it (one state write per upload, the batch's
+small chunks merged into one pending object), then publishes the events. These tests drive the
+handler the way the processor does and check what lands in S3, and that a batch applied again
+(its transaction did not commit, or it was abandoned) publishes the very same events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+
+from aiokafka.structs import ConsumerRecord
+
+from services.core.codec import CODEC
+from services.core.objectstore import ObjectStore
+from services.core.records import AppendChunk, Command, FinishUpload, StartUpload
+from services.upload_worker.handler import CommandHandler
+from services.upload_worker.staging import StagingArea, Status
+
+MIB = 1 << 20
+
+
+class Upload:
+    """Commands of one upload, as records of partition 0 at increasing offsets."""
+
+    def __init__(self) -> None:
+        self.id = str(uuid.uuid4())
+        self.offset = 0
+        self.data = bytearray()
+
+    def start(self) -> StartUpload:
+        return StartUpload(upload_id=self.id, repository="staging/test")
+
+    def append(self, data: bytes) -> AppendChunk:
+        command = AppendChunk(
+            upload_id=self.id, repository="staging/test", offset=len(self.data), data=data
+        )
+        self.data += data
+        return command
+
+    def finish(self) -> FinishUpload:
+        digest = "sha256:" + hashlib.sha256(self.data).hexdigest()
+        return FinishUpload(
+            upload_id=self.id, repository="staging/test", size=len(self.data), digest=digest
+        )
+
+
+def records(commands: list[Command], first_offset: int) -> list[ConsumerRecord]:
+    return [
+        ConsumerRecord(
+            topic="staging.commands",
+            partition=0,
+            offset=first_offset + i,
+            timestamp=0,
+            timestamp_type=0,
+            key=command.upload_id.encode(),
+            value=CODEC.encode(command),
+            checksum=None,
+            serialized_key_size=0,
+            serialized_value_size=0,
+            headers=(),
+        )
+        for i, command in enumerate(commands)
+    ]
+
+
+async def apply(handler: CommandHandler, batch: list[ConsumerRecord]) -> list[bytes]:
+    """What the processor does with a batch: apply each record, settle, publish."""
+    outputs = []
+    for record in batch:
+        outputs += await handler.handle(record)
+    await handler.settle(0)
+    return [output.value for output in outputs]
+
+
+def event_names(values: list[bytes]) -> list[str]:
+    return [type(CODEC.decode(value)).__name__ for value in values]
+
+
+async def pending_keys(store: ObjectStore, upload: Upload) -> list[str]:
+    return await store.list_keys(f"uploads/{upload.id}/pending/")
+
+
+async def test_small_chunks_of_a_batch_share_one_pending_object(settings, store):
+    handler = CommandHandler(settings, StagingArea(store, settings.part_size))
+    upload = Upload()
+    chunks = [os.urandom(10_000 + i) for i in range(10)]
+    first = records([upload.start(), *(upload.append(c) for c in chunks)], 0)
+    assert event_names(await apply(handler, first)) == ["UploadStarted"] + ["ChunkAppended"] * 10
+    assert len(await pending_keys(store, upload)) == 1
+    saved = await StagingArea(store, settings.part_size).load(upload.id)
+    assert saved is not None and saved.durable_offset == sum(map(len, chunks))
+
+    second = records([upload.append(b"x" * 5000), upload.append(b"y" * 7000)], len(first))
+    await apply(handler, second)
+    assert len(await pending_keys(store, upload)) == 2  # one per batch, not one per chunk
+
+    third = records([upload.finish()], len(first) + len(second))
+    assert event_names(await apply(handler, third)) == ["UploadFinished"]
+    assert await store.get(f"uploads/{upload.id}/data") == bytes(upload.data)
+    assert await pending_keys(store, upload) == []
+
+
+async def test_a_batch_crossing_the_part_size_assembles_the_same_bytes(settings, store):
+    handler = CommandHandler(settings, StagingArea(store, settings.part_size))
+    upload = Upload()
+    pieces = [os.urandom(MIB - 3) for _ in range(7)]  # the fifth one crosses 5 MiB
+    batch = records([upload.start(), *(upload.append(p) for p in pieces), upload.finish()], 0)
+    names = event_names(await apply(handler, batch))
+    assert names == ["UploadStarted"] + ["ChunkAppended"] * 7 + ["UploadFinished"]
+    assert await store.get(f"uploads/{upload.id}/data") == bytes(upload.data)
+    assert await pending_keys(store, upload) == []
+    assert await store.multipart_uploads(f"uploads/{upload.id}/") == []
+
+
+async def test_a_batch_applied_again_publishes_the_same_events(settings, store):
+    # Start, chunks and finish in one batch whose transaction did not commit: the records come
+    # again, on the same worker (states cached) and on a new one (states read from S3).
+    upload = Upload()
+    chunk = upload.append(os.urandom(3000))
+    commands = [upload.start(), chunk, upload.append(b"z" * 10), upload.finish()]
+    batch = records(commands, 0)
+    worker = CommandHandler(settings, StagingArea(store, settings.part_size))
+    published = await apply(worker, batch)
+    assert event_names(published) == [
+        "UploadStarted",
+        "ChunkAppended",
+        "ChunkAppended",
+        "UploadFinished",
+    ]
+    assert await apply(worker, batch) == published
+    successor = CommandHandler(settings, StagingArea(store, settings.part_size))
+    assert await apply(successor, batch) == published
+    assert await store.get(f"uploads/{upload.id}/data") == bytes(upload.data)
+
+    # The same commands sent again by the client, in new records, publish nothing; a new chunk
+    # after the finish is refused.
+    assert await apply(successor, records(commands, 10)) == []
+    late = records([upload.append(b"late")], 20)
+    assert event_names(await apply(successor, late)) == ["CommandRejected"]
+
+
+async def test_an_abandoned_batch_leaves_nothing_and_applies_again(settings, store):
+    staging = StagingArea(store, settings.part_size)
+    handler = CommandHandler(settings, staging)
+    upload = Upload()
+    batch = records([upload.start(), upload.append(os.urandom(2048))], 0)
+    for record in batch:
+        await handler.handle(record)
+    handler.abandon(0)  # stopping before the batch settled: its records will come again
+    assert await staging.load(upload.id) is None
+    assert await pending_keys(store, upload) == []
+    assert event_names(await apply(handler, batch)) == ["UploadStarted", "ChunkAppended"]
+    state = await StagingArea(store, settings.part_size).load(upload.id)
+    assert state is not None and state.status == Status.OPEN and state.durable_offset == 2048
