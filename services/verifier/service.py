@@ -67,23 +67,41 @@ class Verifier:
     async def decide(self, event: UploadFinished, source: str) -> Verdict | None:
         """The verdict to publish for this record, or None if another record got it already."""
         key = verdict_key(event.upload_id)
+        first_copy: str | None = None
         if event.staged_size <= OVERLAP_BYTES:
-            # A small layer's check is a few round trips: asking whether a verdict is stored
-            # at the same time saves one, and a judgement made for nothing costs little.
-            stored, judged = await asyncio.gather(self._stored(key), self._judge(event))
+            # A small layer's check is a few round trips: asking at once whether a verdict is
+            # stored and where the digest's first copy is saves two; a judgement made for
+            # nothing (a replayed record) costs little.
+            stored, judged, first_copy = await asyncio.gather(
+                self._stored(key), self._judge(event), self.judge.first_copy(event.digest)
+            )
         else:
             stored, judged = await self._stored(key), None
         if stored is not None and stored.source != source:
             return None  # one upload, one verdict: this UploadFinished is a second copy
+        own_copy = event.staging_key
         verdict = stored
         if verdict is None:
             verdict = judged or await self._judge(event)
+            claim = False
             if verdict.committed:
-                verdict = await self.judge.deduplicate(event.digest, verdict)
+                if judged is None:
+                    first_copy = await self.judge.first_copy(event.digest)
+                verdict = await self.judge.keep_one_copy(verdict, first_copy)
+                claim = verdict.object_key == own_copy != first_copy
             verdict = replace(verdict, source=source, at_ms=time.time_ns() // 1_000_000)
-            await self.store.put(key, verdict.to_json())
+            # The verdict is the commit point, so a crash between the two writes leaves at
+            # worst no pointer: a later upload of the digest then keeps a copy of its own.
+            await asyncio.gather(
+                self.store.put(key, verdict.to_json()),
+                *([self.judge.claim(event.digest, own_copy)] if claim else []),
+            )
         if not verdict.committed:
             await self.store.delete_prefix(f"uploads/{event.upload_id}/")
+        elif verdict.object_key != own_copy:
+            # Only once the verdict is stored: a replay judges nothing again, so it never finds
+            # these bytes gone.
+            await self.store.delete(own_copy)
         return verdict
 
     async def _judge(self, event: UploadFinished) -> Verdict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.core.digest import (
     InvalidDigest,
@@ -91,21 +91,28 @@ class Judge:
             )
         return Verdict(True, object_key=staging_key, blob_sha256=str(computed["sha256"]))
 
-    async def deduplicate(self, digest: str, verdict: Verdict) -> Verdict:
-        """One stored copy per digest: a second upload of known bytes points at the first copy."""
-        key = pointer_key(digest)
+    async def first_copy(self, digest: str) -> str | None:
+        """The object holding the digest's first stored copy (its blobs/ pointer), or None."""
         try:
-            existing = json.loads(await self.store.get(key))["object_key"]
+            parse_digest(digest)
+        except (InvalidDigest, TarSumVersionUnsupported):
+            return None  # judged a failure anyway; no pointer to look for
+        try:
+            return str(json.loads(await self.store.get(pointer_key(digest)))["object_key"])
         except ObjectNotFound:
-            await self.store.put(key, json.dumps({"object_key": verdict.object_key}).encode())
-            return verdict
-        if existing == verdict.object_key:
+            return None
+
+    async def keep_one_copy(self, verdict: Verdict, first_copy: str | None) -> Verdict:
+        """One stored copy per digest: a second upload of known bytes points at the first copy
+        (the caller deletes its own once the verdict is stored)."""
+        if first_copy is None or first_copy == verdict.object_key:
             return verdict
         try:
-            await self.store.stat(existing)
+            await self.store.stat(first_copy)
         except ObjectNotFound:
-            # The first copy is gone (removed by an operator): this upload's copy takes its place.
-            await self.store.put(key, json.dumps({"object_key": verdict.object_key}).encode())
-            return verdict
-        await self.store.delete(verdict.object_key)
-        return Verdict(True, object_key=existing, blob_sha256=verdict.blob_sha256)
+            return verdict  # the first copy is gone (an operator removed it): this one replaces it
+        return replace(verdict, object_key=first_copy)
+
+    async def claim(self, digest: str, object_key: str) -> None:
+        """Makes object_key the digest's first copy."""
+        await self.store.put(pointer_key(digest), json.dumps({"object_key": object_key}).encode())
