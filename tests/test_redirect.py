@@ -50,7 +50,7 @@ async def wait_until_known(http: aiohttp.ClientSession, url: str, timeout: float
         await asyncio.sleep(0.2)
 
 
-async def test_get_redirects_to_s3_and_reads_match(settings, redirecting):
+async def test_get_redirects_to_s3_and_reads_match(settings, store, redirecting):
     data = os.urandom(3 * 1024 * 1024 + 17)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     async with LayerService(settings) as pusher:
@@ -89,3 +89,9 @@ async def test_get_redirects_to_s3_and_reads_match(settings, redirecting):
             assert await layer.read(10) == data[5:15]
         with pytest.raises(LayerUnknown):
             await reader.fetch("redirect/other", digest)
+
+        # Bytes gone from storage (an operator deleted them): S3's 404 is the SDK's LayerUnknown.
+        await store.delete(f"uploads/{upload.uuid}/data")
+        layer = await reader.fetch("redirect/app", digest)
+        with pytest.raises(LayerUnknown):
+            await layer.read(10)

@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import urllib3
 from aiokafka.errors import KafkaError
 
+from services.client.bodies import REDIRECTS, Body, ServiceBody, Unavailable, open_storage
 from services.client.errors import (
     VERDICT_ERRORS,
     LayerError,
@@ -29,6 +31,9 @@ DEFAULT_FINISH_TIMEOUT = 300.0
 # write() returns once a chunk is handed to the Kafka client, until this many bytes wait for
 # Kafka's acknowledgement; waiting for each chunk in turn left the link idle half the time.
 IN_FLIGHT_BYTES = 32 * MIB
+# aiohttp pauses the socket whenever this much is buffered unread (default 64 KiB); layer
+# reads come in megabytes, and pausing every 64 KiB made reading CPU-bound.
+READ_BUFFER = 4 * MIB
 POLL_SECONDS = 20.0
 
 
@@ -51,6 +56,10 @@ class LayerService:
         # one batch, which the worker sees in one fetch and commits in one transaction.
         self._producer = kafka.producer(self.settings, max_batch_size=MIB)
         self._http: aiohttp.ClientSession | None = None
+        # For layer bytes a redirect sends straight to S3 (see bodies.py).
+        self.storage = urllib3.PoolManager(
+            maxsize=8, timeout=urllib3.Timeout(connect=10, read=60), retries=False
+        )
 
     async def __aenter__(self) -> LayerService:
         await self.start()
@@ -62,13 +71,16 @@ class LayerService:
     async def start(self) -> None:
         await self._producer.start()
         self._http = aiohttp.ClientSession(
-            base_url=self.settings.query_url, timeout=aiohttp.ClientTimeout(total=None, connect=10)
+            base_url=self.settings.query_url,
+            timeout=aiohttp.ClientTimeout(total=None, connect=10),
+            read_bufsize=READ_BUFFER,
         )
 
     async def close(self) -> None:
         await self._producer.stop()
         if self._http is not None:
             await self._http.close()
+        self.storage.clear()
 
     # LayerService verbs
 
@@ -310,8 +322,8 @@ class Layer:
         self.size = size
         self.created_at = created_at
         self._position = 0
-        self._response: aiohttp.ClientResponse | None = None
-        self._response_position = -1
+        self._body: Body | None = None
+        self._body_position = -1
 
     def tell(self) -> int:
         return self._position
@@ -336,19 +348,19 @@ class Layer:
         while got < want:
             failure: Exception | None = None
             try:
-                if self._response is None or self._response_position != self._position:
+                if self._body is None or self._body_position != self._position:
                     await self._open_at(self._position)
-                assert self._response is not None
-                data = await self._response.content.readexactly(want - got)
-            except asyncio.IncompleteReadError as cut_short:
-                data, failure = cut_short.partial, cut_short
-            except (aiohttp.ClientError, _Unavailable) as error:
+                assert self._body is not None
+                data = await self._body.read(want - got)
+                if len(data) < want - got:
+                    failure = ConnectionError("the response ended early")
+            except (aiohttp.ClientError, urllib3.exceptions.HTTPError, Unavailable) as error:
                 data, failure = b"", error
             if data:
                 pieces.append(data)
                 got += len(data)
             self._position += len(data)
-            self._response_position = self._position
+            self._body_position = self._position
             if failure is not None:
                 # The query service or storage went away mid-read: go on from here once back.
                 await self.close()
@@ -361,16 +373,26 @@ class Layer:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def close(self) -> None:
-        if self._response is not None:
-            self._response.release()
-            self._response = None
+        if self._body is not None:
+            self._body.close()
+            self._body = None
 
     async def _open_at(self, position: int) -> None:
         # One streaming response serves sequential reads; a seek elsewhere opens a ranged one.
         await self.close()
         response = await self.service.http.get(
-            f"/v2/{self.name}/blobs/{self.digest}", headers={"Range": f"bytes={position}-"}
+            f"/v2/{self.name}/blobs/{self.digest}",
+            headers={"Range": f"bytes={position}-"},
+            allow_redirects=False,
         )
+        if response.status in REDIRECTS and "Location" in response.headers:
+            location = response.headers["Location"]
+            response.release()
+            self._body = await open_storage(
+                self.service.storage, location, position, f"{self.name}@{self.digest}"
+            )
+            self._body_position = position
+            return
         if response.status == 404:
             response.release()
             raise LayerUnknown(f"no layer {self.digest} in {self.name}")
@@ -378,20 +400,16 @@ class Layer:
             body = await response.text()
             response.release()
             if response.status == 503:
-                raise _Unavailable(body[:200])
+                raise Unavailable(body[:200])
             raise LayerError(f"query service answered {response.status}: {body[:200]}")
-        self._response = response
-        self._response_position = position
+        self._body = ServiceBody(response)
+        self._body_position = position
 
     async def __aenter__(self) -> Layer:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-
-class _Unavailable(Exception):
-    """The query service cannot reach storage right now (503): worth retrying."""
 
 
 def _check_name(name: str) -> None:
