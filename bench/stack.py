@@ -86,7 +86,7 @@ class ServiceProcess:
         return self.process.pid
 
     def start(self) -> ServiceProcess:
-        command = [sys.executable, "-m", "bench.serve", self.name, *self.args]
+        command = [sys.executable, "-m", "services.cli", self.name, *self.args]
         if self.profile_dir is not None:
             # py-spy samples the service from outside, so the profile costs the service little.
             self.profile_dir.mkdir(parents=True, exist_ok=True)
