@@ -10,6 +10,7 @@ from typing import Any
 from bench.stats import Figure, percentile
 
 PROFILING_NOTES = Path(__file__).resolve().parent / "PROFILING.md"
+BEFORE = Path(__file__).resolve().parent / "results-before.json"
 
 
 def _number(value: float, unit: str) -> str:
@@ -88,6 +89,34 @@ def digest_section(digest: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def before_and_after(before: dict[str, Any], figures: list[Figure]) -> str:
+    """This run beside the run before the latest round of changes (bench/results-before.json)."""
+    earlier = {f["key"]: Figure.from_json(f) for f in before["figures"]}
+    meta = before["meta"]
+    lines = [
+        "## Before and after the latest round of changes",
+        "",
+        f'"Before" is the full run of {meta["date"]} at commit `{meta["commit"]}` (its raw '
+        'results are bench/results-before.json); "after" is this run. Machines here are '
+        "shared, so compare the ratios to the same-run baselines rather than the absolute values.",
+        "",
+        "| figure | before | before ratio | after | after ratio | target |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for figure in figures:
+        old = earlier.get(figure.key)
+        if old is None:
+            before_cells = "(not measured) | -"
+        else:
+            before_cells = f"{_number(old.median, old.unit)} {old.unit} | {_ratio(old.ratio)}"
+        lines.append(
+            f"| {figure.title} | {before_cells} | {_number(figure.median, figure.unit)} "
+            f"{figure.unit} | {_ratio(figure.ratio)} "
+            f"| {figure.target.text if figure.target else '-'} |"
+        )
+    return "\n".join(lines)
+
+
 def write_markdown(results: dict[str, Any], out: Path, plots: list[str]) -> Path:
     figures = [Figure.from_json(f) for f in results["figures"]]
     meta = results["meta"]
@@ -118,6 +147,10 @@ def write_markdown(results: dict[str, Any], out: Path, plots: list[str]) -> Path
         f"Targets met: {len(met)} of {len(met) + len(missed)}"
         + (f"; missed: {', '.join(f.key for f in missed)}." if missed else "."),
         "",
+    ]
+    if BEFORE.exists():
+        parts += [before_and_after(json.loads(BEFORE.read_text()), figures), ""]
+    parts += [
         "## What each figure measures",
         "",
     ]
