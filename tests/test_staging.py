@@ -156,3 +156,26 @@ async def test_an_abandoned_batch_leaves_nothing_and_applies_again(settings, sto
     assert event_names(await apply(handler, batch)) == ["UploadStarted", "ChunkAppended"]
     state = await StagingArea(store, settings.part_size).load(upload.id)
     assert state is not None and state.status == Status.OPEN and state.durable_offset == 2048
+
+
+async def test_a_batch_replayed_after_its_multipart_upload_completed(settings, store):
+    # The batch that finishes a multipart upload completes it (which cannot be undone), and the
+    # worker dies before settling; the next worker applies the batch again from the saved state.
+    upload = Upload()
+    # 1 MiB chunks (the tests' largest): the first batch stages part 1 and a pending MiB, the
+    # last one part 2, then the tail, and completes.
+    first = records([upload.start(), *(upload.append(os.urandom(MIB)) for _ in range(6))], 0)
+    crashed = CommandHandler(settings, StagingArea(store, settings.part_size))
+    await apply(crashed, first)
+    chunks = [upload.append(os.urandom(MIB)) for _ in range(5)]
+    batch = records([*chunks, upload.append(b"tail" * 100), upload.finish()], len(first))
+    for record in batch:
+        await crashed.handle(record)  # no settle(): the process is gone
+
+    successor = CommandHandler(settings, StagingArea(store, settings.part_size))
+    names = event_names(await apply(successor, batch))
+    assert names == ["ChunkAppended"] * 6 + ["UploadFinished"]
+    assert await store.get(f"uploads/{upload.id}/data") == bytes(upload.data)
+    state = await StagingArea(store, settings.part_size).load(upload.id)
+    assert state is not None and state.status == Status.FINISHED
+    assert state.finish["staged_size"] == len(upload.data)

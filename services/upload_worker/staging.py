@@ -215,6 +215,11 @@ class StagingArea:
                             state.staging_key, state.multipart_id, number, tail
                         ),
                     )
+                # Completing cannot be undone: the parts this batch staged are saved first, so
+                # that a replay of the batch finds them in the state instead of uploading parts
+                # to a multipart upload that is gone.
+                if state.upload_id in self.unsaved:
+                    await self._save_one(state.upload_id)
                 await self.store.complete_multipart(
                     state.staging_key, state.multipart_id, list(parts)
                 )
@@ -270,8 +275,8 @@ class StagingArea:
 
         Safe to call again after a failure: what was written is not written twice."""
         ids = list(upload_ids)
-        await asyncio.gather(*(self._save_one(u) for u in ids if u in self.unsaved))
-        await asyncio.gather(*(self._remove(u) for u in ids if u in self.removals))
+        await _all(self._save_one(u) for u in ids if u in self.unsaved)
+        await _all(self._remove(u) for u in ids if u in self.removals)
 
     def drop(self, upload_ids: Iterable[str]) -> None:
         """Forgets the uploads' unsaved changes: their commands are about to be applied again."""
@@ -288,7 +293,7 @@ class StagingArea:
             pieces = self.unwritten.get(chunk.key)
             if pieces is not None:
                 await self.store.put(chunk.key, b"".join(pieces))
-                del self.unwritten[chunk.key]
+                self.unwritten.pop(chunk.key, None)
         await self.store.put(state_key(upload_id), state.to_json())
         if self.unsaved.get(upload_id) is state:
             del self.unsaved[upload_id]
@@ -338,3 +343,12 @@ class StagingArea:
             return b"".join(pieces) if pieces is not None else await self.store.get(chunk.key)
 
         return b"".join(await asyncio.gather(*(data(c) for c in state.pending)))
+
+
+async def _all(steps: Iterable[Awaitable[None]]) -> None:
+    """Runs the steps at once and raises the first failure only when every one has ended: none
+    may still be writing when the caller retries or abandons the batch."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
