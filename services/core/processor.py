@@ -39,6 +39,9 @@ from services.core.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 10.0
+# A batch whose effects cannot be made durable for this long is abandoned and applied again
+# later: meanwhile the partition's revocation waits, and another replica may take it over.
+SETTLE_GIVE_UP_SECONDS = 60.0
 # Consumer lag is a gauge for dashboards; refreshing it once a second is plenty.
 LAG_INTERVAL_SECONDS = 1.0
 
@@ -163,11 +166,29 @@ class Processor:
                 # fenced by the replica that owned the partition in between. Starting it fences
                 # that one, and settles its open transaction, before the offset is read.
                 await self._forget_producer(tp.partition)
-                await self._producer(tp.partition)
-                committed = await self.consumer.committed(tp)
+                committed = await self._init_and_read_offset(tp)
+                if committed is None and self.stop.is_set():
+                    return
                 if committed is not None:
                     self.consumer.seek(tp, committed)
                 self.positions[tp] = committed
+
+    async def _init_and_read_offset(self, tp: TopicPartition) -> int | None:
+        """Starts the partition's producer (settling whatever its transactional id left open),
+        then reads the partition's committed offset; retries until Kafka answers or stopping."""
+        assert self.consumer is not None
+        attempt = 0
+        while True:
+            try:
+                await self._producer(tp.partition)
+                return await self.consumer.committed(tp)
+            except KafkaError as error:
+                if self.stop.is_set():
+                    return None
+                attempt += 1
+                log.warning("%s: taking partition %d over: %r", self.name, tp.partition, error)
+                await self._forget_producer(tp.partition)
+                await asyncio.sleep(backoff(attempt))
 
     async def release(self, revoked: set[TopicPartition]) -> None:
         async with self.in_flight:
@@ -220,19 +241,22 @@ class Processor:
                 return
             applied.append(timed)
             outputs += timed[1]
-        if await self._settle(tp) and await self._commit(tp, records, outputs):
+        if await self._settle(tp, records[0].offset) and await self._commit(tp, records, outputs):
             self._observe(tp.topic, applied)
 
-    async def _settle(self, tp: TopicPartition) -> bool:
-        """True once the handler's deferred effects are durable; False when stopping first."""
+    async def _settle(self, tp: TopicPartition, first_offset: int) -> bool:
+        """True once the handler's deferred effects are durable; False when the batch was
+        abandoned instead (stopping, or storage failing for too long), to be applied again."""
         attempt = 0
+        give_up_at = time.monotonic() + SETTLE_GIVE_UP_SECONDS
         while True:
             try:
                 await self.settle(tp.partition)
                 return True
             except Exception as error:
-                if self.stop.is_set():
+                if self.stop.is_set() or time.monotonic() > give_up_at:
                     self.abandon(tp.partition)
+                    self._rewind(tp, first_offset)
                     return False
                 attempt += 1
                 delay = backoff(attempt)
@@ -305,12 +329,13 @@ class Processor:
             self.positions[tp] = next_offset
             return True
         except ProducerFenced:
-            # Another replica owns the partition now and has aborted our transaction; the
-            # rebalance that follows revokes it from us.
-            log.warning("%s: fenced on partition %d; leaving it", self.name, tp.partition)
+            # Our transaction was aborted: by a replica that owns the partition now (the
+            # rebalance that follows revokes it from us), or by the coordinator after the
+            # transaction timed out. Either way the batch is applied again, by its owner.
+            log.warning("%s: fenced on partition %d", self.name, tp.partition)
             metrics.COMMIT_FAILURES.labels(tp.topic, "fenced").inc()
-            self.positions.pop(tp, None)
             await self._forget_producer(tp.partition)
+            self._rewind(tp, records[0].offset)
             return False
         except KafkaError as error:
             log.warning("%s: commit on partition %d failed: %r", self.name, tp.partition, error)
@@ -335,12 +360,17 @@ class Processor:
         else:
             return False
         if (committed or 0) < next_offset:
-            if tp in self.consumer.assignment():
-                self.consumer.seek(tp, records[0].offset)
-                self.positions[tp] = records[0].offset
+            self._rewind(tp, records[0].offset)
             return False
         self.positions[tp] = next_offset
         return True
+
+    def _rewind(self, tp: TopicPartition, offset: int) -> None:
+        """The records from offset on are applied again (their batch did not commit)."""
+        assert self.consumer is not None
+        if tp in self.consumer.assignment():
+            self.consumer.seek(tp, offset)
+            self.positions[tp] = offset
 
     # Metrics
 
