@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 import time
 from dataclasses import replace
 from urllib.parse import urlsplit
@@ -38,6 +39,10 @@ async def redirecting(settings, tmp_path):
         yield redirect_settings
     finally:
         query.stop()
+
+
+def reading_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "layerlog-layer-read")
 
 
 async def wait_until_known(http: aiohttp.ClientSession, url: str, timeout: float = 60) -> None:
@@ -89,6 +94,17 @@ async def test_get_redirects_to_s3_and_reads_match(settings, store, redirecting)
             assert await layer.read(10) == data[5:15]
         with pytest.raises(LayerUnknown):
             await reader.fetch("redirect/other", digest)
+
+        # Each open read of S3 has a read-ahead thread; closing the layer ends it, also when it
+        # stopped half-way through the bytes.
+        layer = await reader.fetch("redirect/app", digest)
+        assert await layer.read(10) == data[:10]
+        assert reading_threads() == 1
+        await layer.close()
+        for thread in threading.enumerate():
+            if thread.name == "layerlog-layer-read":
+                await asyncio.to_thread(thread.join, 5)
+        assert reading_threads() == 0
 
         # Bytes gone from storage (an operator deleted them): S3's 404 is the SDK's LayerUnknown.
         await store.delete(f"uploads/{upload.uuid}/data")

@@ -59,6 +59,9 @@ class StorageBody:
     FIRST_BLOCK = 256 << 10  # after a seek the reader may want a few bytes only
     BLOCK = 4 << 20
     AHEAD = 4  # blocks read and not yet taken: at most 16 MiB per open layer
+    # A reader that takes nothing for this long (a Layer left open) no longer holds a thread,
+    # a connection and the blocks; reading again reopens.
+    IDLE_SECONDS = 300.0
 
     def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
         self.response = response
@@ -66,42 +69,66 @@ class StorageBody:
         self.blocks: asyncio.Queue[bytes | Exception] = asyncio.Queue()
         self.room = threading.Semaphore(self.AHEAD)
         self.stopping = threading.Event()
+        # Whoever ends the response holds this: the pump when it stops, or close() while the
+        # pump may still be reading from it.
+        self.lock = threading.Lock()
+        self.pump_done = False
+        self.ended = False  # the reader took the pump's last item
         self.current = b""
         self.used = 0
         threading.Thread(target=self._pump, name="layerlog-layer-read", daemon=True).start()
 
     def _pump(self) -> None:
+        whole = False
         size = self.FIRST_BLOCK
-        while True:
-            self.room.acquire()
-            if self.stopping.is_set():
-                return
-            try:
-                block: bytes | Exception = self.response.read(size)
+        try:
+            while not self.stopping.is_set():
+                if not self.room.acquire(timeout=self.IDLE_SECONDS):
+                    self._hand_over(Unavailable("the layer was not read for a while"))
+                    return
+                if self.stopping.is_set():
+                    return
+                try:
+                    block = self.response.read(size)
+                except Exception as error:  # handed to the reader, which reopens or gives up
+                    self._hand_over(error)
+                    return
                 size = min(size * 2, self.BLOCK)
-            except Exception as error:  # handed to the reader, which reopens or gives up
-                block = error
-            try:
-                self.loop.call_soon_threadsafe(self.blocks.put_nowait, block)
-            except RuntimeError:  # the event loop is closed: nobody is reading any more
-                return
-            if not isinstance(block, bytes) or not block:
-                return
+                if not self._hand_over(block) or not block:
+                    whole = not block
+                    return
+        finally:
+            with self.lock:
+                self.pump_done = True
+                if whole:
+                    self.response.release_conn()  # read to the end: the connection is reusable
+                else:
+                    # Closed, not returned to the pool: a connection with unread bytes would
+                    # hand them to the next request.
+                    self.response.close()
+
+    def _hand_over(self, item: bytes | Exception) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.blocks.put_nowait, item)
+            return True
+        except RuntimeError:  # the event loop is closed: nobody is reading any more
+            return False
 
     async def read(self, n: int) -> bytes:
         pieces: list[bytes] = []
         got = 0
         while got < n:
             if self.used == len(self.current):
-                block = await self.blocks.get()
-                self.room.release()
-                if isinstance(block, Exception):
-                    if pieces:
-                        break  # what arrived is returned; the next read reopens from there
-                    raise block
-                if not block:
+                if self.ended:
                     break
-                self.current, self.used = block, 0
+                item = await self.blocks.get()
+                self.room.release()
+                if isinstance(item, Exception) or not item:
+                    self.ended = True
+                    if isinstance(item, Exception) and not pieces:
+                        raise item
+                    break  # what arrived is returned; the reader reopens from there
+                self.current, self.used = item, 0
             piece = self.current[self.used : self.used + n - got]
             self.used += len(piece)
             pieces.append(piece)
@@ -111,10 +138,10 @@ class StorageBody:
     def close(self) -> None:
         self.stopping.set()
         self.room.release()  # wakes a pump waiting for room, which then sees it must stop
-        # Closed, not returned to the pool: a connection with unread bytes would hand them
-        # to the next request. Closing also ends a read the pump is blocked in.
-        self.response.close()
-        self.response.release_conn()
+        with self.lock:
+            if not self.pump_done:
+                # Ends a read the pump is blocked in; the pump then closes the response.
+                self.response.shutdown()
 
 
 async def open_storage(pool: urllib3.PoolManager, url: str, position: int, what: str) -> Body:
@@ -129,13 +156,16 @@ async def open_storage(pool: urllib3.PoolManager, url: str, position: int, what:
         )
 
     response = await asyncio.to_thread(request)
-    if response.status in (200, 206):
+    # A 200 answers a ranged request only from the start: later bytes must come as a 206.
+    if response.status == 206 or (response.status == 200 and position == 0):
         return StorageBody(response)
     detail = (await asyncio.to_thread(response.read, 300)).decode("utf-8", "replace")
     response.close()
     response.release_conn()
     if response.status == 404:
         raise LayerUnknown(f"storage has no bytes for {what}")
+    if response.status == 200:
+        raise LayerError(f"storage ignored the Range header reading {what} from byte {position}")
     if response.status in _RETRY_STATUSES:
         raise Unavailable(f"storage answered {response.status}: {detail}")
     raise LayerError(f"storage answered {response.status} for {what}: {detail}")
