@@ -141,7 +141,10 @@ class StorageBody:
         with self.lock:
             if not self.pump_done:
                 # Ends a read the pump is blocked in; the pump then closes the response.
-                self.response.shutdown()
+                try:
+                    self.response.shutdown()
+                except (RuntimeError, ValueError, OSError):
+                    pass  # urllib3 read it to the end and gave the connection back already
 
 
 async def open_storage(pool: urllib3.PoolManager, url: str, position: int, what: str) -> Body:
