@@ -128,3 +128,15 @@ def load_average() -> str:
 
 async def in_thread(function: Any, *args: Any) -> Any:
     return await asyncio.to_thread(function, *args)
+
+
+async def read_whole_layer(service: LayerService, repository: str, digest: str) -> int:
+    """Bytes of a committed layer read through the SDK (fetch(), then read() 1 MiB at a time)."""
+    layer = await service.fetch(repository, digest)
+    total = 0
+    try:
+        while chunk := await layer.read(MIB):
+            total += len(chunk)
+    finally:
+        await layer.close()
+    return total

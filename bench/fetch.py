@@ -18,7 +18,16 @@ from dataclasses import replace
 
 import aiohttp
 
-from bench.common import MIB, Context, get_object, in_thread, log, new_key, sdk_upload
+from bench.common import (
+    MIB,
+    Context,
+    get_object,
+    in_thread,
+    log,
+    new_key,
+    read_whole_layer,
+    sdk_upload,
+)
 from bench.data import gzip_layer, sha256_digest, unique_suffix
 from bench.stack import ServiceProcess, free_port, wait_for_query
 from bench.stats import Figure, Target, percentile, throughput_mib_s
@@ -72,7 +81,7 @@ async def fetch(ctx: Context, layer: bytes | None = None) -> None:
             for mode, settings in (("", ctx.settings), ("_redirect", redirecting)):
                 async with LayerService(settings) as service:
                     started = time.perf_counter()
-                    total = await _read_layer(service, digest)
+                    total = await read_whole_layer(service, "bench/fetch", digest)
                 layerlog = throughput_mib_s(total, time.perf_counter() - started)
                 seconds, read = await in_thread(get_object, ctx.minio, ctx.settings.bucket, key)
                 baseline = throughput_mib_s(read, seconds)
@@ -126,17 +135,6 @@ def _put(ctx: Context, key: str, data: bytes) -> None:
     import io
 
     ctx.minio.put_object(ctx.settings.bucket, key, io.BytesIO(data), len(data))
-
-
-async def _read_layer(service: LayerService, digest: str) -> int:
-    layer = await service.fetch("bench/fetch", digest)
-    total = 0
-    try:
-        while chunk := await layer.read(MIB):
-            total += len(chunk)
-    finally:
-        await layer.close()
-    return total
 
 
 async def _ranged_get(http: aiohttp.ClientSession, url: str, offset: int) -> float:

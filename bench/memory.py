@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import MIB, Context, log, minio_client, new_key
+from bench.common import MIB, Context, log, minio_client, new_key, read_whole_layer
 from bench.data import BlockReader, PatternStream
 from bench.stack import ROOT, peak_rss_mib, settings_env
 from bench.stats import Figure, Target
@@ -39,13 +39,7 @@ async def _upload_and_fetch(ctx: Context, size: int) -> dict[str, float]:
             await upload.write(block)
         digest = "sha256:" + hasher.hexdigest()
         await upload.finish(size, digest)
-        layer = await service.fetch("bench/memory", digest)
-        total = 0
-        try:
-            while chunk := await layer.read(MIB):
-                total += len(chunk)
-        finally:
-            await layer.close()
+        total = await read_whole_layer(service, "bench/memory", digest)
         if total != size:
             raise RuntimeError(f"fetched {total} bytes of {size}")
     return ctx.pipeline.peak_rss()
