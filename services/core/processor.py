@@ -167,7 +167,7 @@ class Processor:
                 # that one, and settles its open transaction, before the offset is read.
                 await self._forget_producer(tp.partition)
                 committed = await self._init_and_read_offset(tp)
-                if committed is None and self.stop.is_set():
+                if self.stop.is_set():
                     return
                 if committed is not None:
                     self.consumer.seek(tp, committed)
@@ -175,20 +175,20 @@ class Processor:
 
     async def _init_and_read_offset(self, tp: TopicPartition) -> int | None:
         """Starts the partition's producer (settling whatever its transactional id left open),
-        then reads the partition's committed offset; retries until Kafka answers or stopping."""
+        then reads the partition's committed offset; retries until Kafka answers. None: no
+        committed offset, or stopping (the caller tells them apart by self.stop)."""
         assert self.consumer is not None
         attempt = 0
-        while True:
+        while not self.stop.is_set():
             try:
                 await self._producer(tp.partition)
                 return await self.consumer.committed(tp)
             except KafkaError as error:
-                if self.stop.is_set():
-                    return None
                 attempt += 1
                 log.warning("%s: taking partition %d over: %r", self.name, tp.partition, error)
                 await self._forget_producer(tp.partition)
                 await asyncio.sleep(backoff(attempt))
+        return None
 
     async def release(self, revoked: set[TopicPartition]) -> None:
         async with self.in_flight:
@@ -347,18 +347,9 @@ class Processor:
         # The commit's outcome is unknown. Initialising the transactional id again settles it
         # (completes or aborts it); the committed offset then says which, and an aborted batch is
         # applied again from its first record rather than its outputs being sent blindly twice.
-        attempt = 0
-        while not self.stop.is_set():
-            try:
-                await self._producer(tp.partition)
-                committed = await self.consumer.committed(tp)
-                break
-            except KafkaError as error:
-                attempt += 1
-                await asyncio.sleep(backoff(attempt))
-                log.warning("%s: settling partition %d: %r", self.name, tp.partition, error)
-        else:
-            return False
+        committed = await self._init_and_read_offset(tp)
+        if self.stop.is_set():
+            return False  # the outcome stays unknown; whoever starts next settles it the same way
         if (committed or 0) < next_offset:
             self._rewind(tp, records[0].offset)
             return False
