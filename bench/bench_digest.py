@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from services.core.digest import compute_digests  # noqa: E402
+from services.digests.digest import compute_digests  # noqa: E402
 
 MiB = 1 << 20
 CHUNK = MiB
@@ -180,7 +180,7 @@ def _timed(run: Callable[[], object]) -> tuple[float, float]:
 _PROBE = """
 import sys
 sys.path.insert(0, {root!r})
-from services.core.digest import compute_digests
+from services.digests.digest import compute_digests
 if {path!r}:
     with open({path!r}, "rb", buffering=0) as handle:
         compute_digests(handle, [{tarsum!r}, "sha256"])

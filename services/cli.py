@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         handler=lambda _: __import__("services.core.provision").core.provision.main()
     )
 
-    from services.core import digest_cli
+    from services.digests import cli as digest_cli
 
     digest_cli.register(sub)
     return parser
@@ -497,7 +497,7 @@ def _show_progress(args: argparse.Namespace) -> bool:
 
 async def _push(args: argparse.Namespace) -> int:
     from services.client import LayerService
-    from services.core.digest import compute_digests
+    from services.digests.digest import compute_digests
 
     path = Path(args.file)
     started = time.monotonic()

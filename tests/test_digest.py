@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from services.core import digest_cli
-from services.core.digest import (
+from services.digests import cli as digest_cli
+from services.digests.digest import (
     CorruptCompression,
     Digest,
     DigestError,
@@ -467,7 +467,7 @@ def test_cli_as_a_program(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "services.core.digest_cli",
+            "services.digests.cli",
             "digest",
             "--algorithm",
             "tarsum.v1+sha256",
@@ -483,7 +483,7 @@ def test_cli_as_a_program(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "services.core.digest_cli",
+            "services.digests.cli",
             "digest",
             "--algorithm",
             "sha1",

@@ -22,8 +22,8 @@ from services.client import (
     LayerUnknown,
     LayerUploadUnknown,
 )
-from services.core.digest import compute_digests
 from services.core.objectstore import ObjectStore
+from services.digests.digest import compute_digests
 from tests.layers import random_tar, uneven_pieces
 
 pytestmark = pytest.mark.usefixtures("stack_services")

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.core.digest import (
+from services.digests.digest import (
     InvalidTarHeader,
     LayerLimitExceeded,
     MalformedLayer,
@@ -34,7 +34,7 @@ from services.core.digest import (
     TarSumUndefined,
     TruncatedLayer,
 )
-from services.core.tarsum import clean_path, go_sort
+from services.digests.tarsum import clean_path, go_sort
 from tests.tarbuild import END, GNU, V7, Header, base256, entry, gnu_long, pad, pax, pax_record
 
 DATA = Path(__file__).parent / "data" / "tarsum"

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer
 
 from services.core.codec import event_hash
-from services.core.digest import DigestError, StreamingVerifier, parse_digest
 from services.core.eventlog import read_partition
 from services.core.objectstore import ObjectNotFound, ObjectStore
 from services.core.records import CommandRejected, Event, LayerCommitted, UploadStarted
 from services.core.settings import Settings
+from services.digests.digest import DigestError, StreamingVerifier, parse_digest
 
 CHAIN_SCHEMA_VERSION = 2
 

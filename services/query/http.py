@@ -17,9 +17,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from services.core.digest import DigestError, parse_digest
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.objectstore import ObjectNotFound, ObjectStore, is_transient
+from services.digests.digest import DigestError, parse_digest
 from services.query.index import Index, LayerRow, UploadRow, UploadStates
 from services.query.projection import Projection
 

@@ -18,7 +18,6 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.core.codec import CODEC, DecodeError, event_hash
-from services.core.digest import InvalidDigest, TarSumVersionUnsupported, parse_digest
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.processor import Output, dead_letter
 from services.core.records import (
@@ -42,6 +41,7 @@ from services.core.records import (
     derived_id,
 )
 from services.core.settings import Settings
+from services.digests.digest import InvalidDigest, TarSumVersionUnsupported, parse_digest
 from services.upload_worker.staging import (
     ChunkRecord,
     StagingArea,

@@ -6,15 +6,15 @@ import asyncio
 import json
 from dataclasses import dataclass, replace
 
-from services.core.digest import (
+from services.core.objectstore import ObjectNotFound, ObjectStore
+from services.core.records import FailureReason
+from services.digests.digest import (
     InvalidDigest,
     MalformedLayer,
     StreamingVerifier,
     TarSumVersionUnsupported,
     parse_digest,
 )
-from services.core.objectstore import ObjectNotFound, ObjectStore
-from services.core.records import FailureReason
 
 READ_SIZE = 1 << 20
 

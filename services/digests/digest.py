@@ -18,14 +18,14 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from services.core.tarstream import (
+from services.digests.tarstream import (
     TarError,
     TarLimitError,
     TarParser,
     TarTruncatedError,
     TarUndefinedError,
 )
-from services.core.tarsum import CIPHERS, VERSIONS, TarSum, TarSumSpec, TarSumUndefinedError
+from services.digests.tarsum import CIPHERS, VERSIONS, TarSum, TarSumSpec, TarSumUndefinedError
 
 
 class DigestError(ValueError):

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any, BinaryIO
 
-from services.core.digest import (
+from services.digests.digest import (
     RAW_ALGORITHMS,
     DigestError,
     MalformedLayer,
@@ -95,7 +95,7 @@ def _stdin() -> BinaryIO:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m services.core.digest_cli ...``)."""
+    """Stand-alone entry point (``python -m services.digests.cli ...``)."""
     parser = argparse.ArgumentParser(prog="layerlog")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
