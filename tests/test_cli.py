@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from services import cli
+from services.cli.progress import Progress
 from tests.conftest import ROOT, free_port, run_cli, settings_env
 
 
@@ -68,7 +69,7 @@ def test_bad_usage_is_status_2(capsys):
 
 def test_progress_draws_percent_rate_and_eta_on_a_terminal():
     stream, clock = Terminal(), Clock()
-    progress = cli.Progress("push", 4 << 20, stream=stream, clock=clock)
+    progress = Progress("push", 4 << 20, stream=stream, clock=clock)
     progress.update(0, force=True)
     clock.now += 1.0
     progress.update(1 << 20)
@@ -90,7 +91,7 @@ def test_progress_draws_percent_rate_and_eta_on_a_terminal():
 
 def test_progress_says_when_it_is_done_and_pads_over_longer_lines():
     stream, clock = Terminal(), Clock()
-    progress = cli.Progress("pull", 1000, stream=stream, clock=clock)
+    progress = Progress("pull", 1000, stream=stream, clock=clock)
     progress.status("waiting for something with a rather long description")
     clock.now += 2
     progress.update(1000, force=True)
@@ -102,13 +103,13 @@ def test_progress_says_when_it_is_done_and_pads_over_longer_lines():
 @pytest.mark.parametrize("enabled", [True, False])
 def test_no_progress_when_piped_or_quiet(enabled):
     piped = io.StringIO()  # not a terminal
-    progress = cli.Progress("push", 100, stream=piped, enabled=enabled)
+    progress = Progress("push", 100, stream=piped, enabled=enabled)
     progress.update(50, force=True)
     progress.status("waiting")
     progress.close()
     assert piped.getvalue() == ""
     quiet = Terminal()
-    progress = cli.Progress("push", 100, stream=quiet, enabled=False)
+    progress = Progress("push", 100, stream=quiet, enabled=False)
     progress.update(50, force=True)
     progress.close()
     assert quiet.getvalue() == ""

@@ -116,18 +116,3 @@ def _seal(partial: Path, out: Path) -> tuple[int, int]:
 def _remove(path: Path) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-
-
-def check_index(path: str) -> str | None:
-    """Why path cannot be served read-only, or None when it can."""
-    if not Path(path).is_file():
-        return f"no index file {path}"
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            db.execute("SELECT count(*) FROM layers").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error as error:
-        return f"{path} is not a Layerlog index: {error}"
-    return None

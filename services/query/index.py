@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from services.core.records import (
     ChunkAppended,
@@ -301,3 +302,18 @@ class Index:
             f"UPDATE uploads SET state = ?, updated_at = ?{assignments} WHERE upload_id = ?",
             (state, _ms(event.occurred_at), *columns.values(), event.upload_id),
         )
+
+
+def check_index(path: str) -> str | None:
+    """Why path cannot be served read-only, or None when it can."""
+    if not Path(path).is_file():
+        return f"no index file {path}"
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            db.execute("SELECT count(*) FROM layers").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as error:
+        return f"{path} is not a Layerlog index: {error}"
+    return None

@@ -1,0 +1,191 @@
+"""The client commands: push, pull, exists, history, replay and audit verify."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from services.cli.exits import EXIT_NO, EXIT_OK, UsageError
+from services.cli.progress import CountingReader, Progress, format_size
+from services.core.settings import Settings
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not (args.quiet or args.json)
+
+
+async def push(args: argparse.Namespace) -> int:
+    from services.client import LayerService
+    from services.digests.digest import compute_digests
+
+    path = Path(args.file)
+    started = time.monotonic()
+    source = await asyncio.to_thread(path.open, "rb")
+    try:
+        size = os.fstat(source.fileno()).st_size
+        digest = args.digest
+        if digest is None:
+            hashing = Progress("hash", size, enabled=_show_progress(args))
+
+            def sha256_of_file() -> str:
+                with path.open("rb") as whole:
+                    counted = CountingReader(whole, hashing)
+                    return str(compute_digests(counted, ["sha256"])["sha256"])  # type: ignore[arg-type]
+
+            try:
+                digest = await asyncio.to_thread(sha256_of_file)
+            finally:
+                hashing.close()
+        progress = Progress("push", size, enabled=_show_progress(args))
+        try:
+            async with LayerService() as service:
+                upload = await service.upload(args.repo)
+                sent = 0
+                progress.update(0, force=True)
+                while chunk := await asyncio.to_thread(source.read, service.chunk_size):
+                    await upload.write(chunk)
+                    sent += len(chunk)
+                    progress.update(sent)
+                progress.update(sent, force=True)
+                progress.status(f"{format_size(size)} sent; waiting for the verifier")
+                layer = await upload.finish(size, digest)
+        finally:
+            # Ends the bar's line on every path, so an error message starts on a line of its own.
+            progress.close()
+    finally:
+        source.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "digest": layer.digest,
+                    "repository": args.repo,
+                    "size": layer.size,
+                    "upload_id": upload.uuid,
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            )
+        )
+    else:
+        print(layer.digest)
+    return EXIT_OK
+
+
+async def pull(args: argparse.Namespace) -> int:
+    from services.client import LayerService
+
+    started = time.monotonic()
+    async with LayerService() as service:
+        layer = await service.fetch(args.repo, args.digest)
+        progress = Progress("pull", layer.size, enabled=_show_progress(args))
+        out = await asyncio.to_thread(open, args.output, "wb")
+        received = 0
+        try:
+            progress.update(0, force=True)
+            while chunk := await layer.read(1 << 20):
+                await asyncio.to_thread(out.write, chunk)
+                received += len(chunk)
+                progress.update(received)
+        finally:
+            out.close()
+            await layer.close()
+            progress.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "digest": layer.digest,
+                    "repository": args.repo,
+                    "size": received,
+                    "output": await asyncio.to_thread(os.path.abspath, args.output),
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            )
+        )
+    return EXIT_OK
+
+
+async def exists(args: argparse.Namespace) -> int:
+    from services.client import LayerService
+
+    async with LayerService() as service:
+        found = await service.exists(args.repo, args.digest)
+    if args.json:
+        print(json.dumps({"repository": args.repo, "digest": args.digest, "exists": found}))
+    else:
+        print("true" if found else "false")
+    return EXIT_OK if found else EXIT_NO
+
+
+async def history(args: argparse.Namespace) -> int:
+    from services.audit import history
+
+    if (args.upload_id is None) == (args.repo is None):
+        raise UsageError("history takes an UPLOAD_ID or --repo NAME (one of them)")
+    if args.digest is not None and args.repo is None:
+        raise UsageError("--digest goes with --repo")
+    settings = Settings.from_env()
+    if args.upload_id is not None:
+        found = await history.upload_history(settings, args.upload_id)
+        histories = [] if found is None else [found]
+        what = f"upload {args.upload_id}"
+    else:
+        histories = await history.repository_history(settings, args.repo, args.digest)
+        what = f"uploads to {args.repo}" + (f" with digest {args.digest}" if args.digest else "")
+    if not histories:
+        print(f"layerlog: no events for {what} in {settings.events_topic}", file=sys.stderr)
+        return EXIT_NO
+    if args.json:
+        history.write_json(histories, sys.stdout)
+    else:
+        history.write_table(histories, sys.stdout)
+    return EXIT_OK
+
+
+async def replay(args: argparse.Namespace) -> int:
+    from services.audit.timetravel import parse_until, replay
+
+    until = parse_until(args.until)
+    settings = Settings.from_env()
+    started = time.monotonic()
+    result = await replay(settings, args.out, until)
+    seconds = time.monotonic() - started
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "out": str(result.out.resolve()),
+                    "until": until.describe(),
+                    "cut": {str(p): o for p, o in sorted(result.cut.items())},
+                    "events": result.events,
+                    "layers": result.layers,
+                    "uploads": result.uploads,
+                    "seconds": round(seconds, 3),
+                }
+            )
+        )
+    else:
+        cut = " ".join(f"{p}:{o}" for p, o in sorted(result.cut.items()))
+        print(
+            f"replayed {result.events} events {until.describe()} into {result.out} "
+            f"in {seconds:.1f}s: {result.layers} layers, {result.uploads} uploads\n"
+            f"cut (partition:next offset): {cut}\n"
+            f"serve it: layerlog query --index {result.out} --read-only"
+        )
+    return EXIT_OK
+
+
+async def audit_verify(args: argparse.Namespace) -> int:
+    from services.audit.verify import run_verify
+
+    return await run_verify(
+        Settings.from_env(),
+        repository=args.repo,
+        check_blobs=not args.no_blobs,
+        as_json=args.json,
+    )

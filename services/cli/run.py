@@ -1,0 +1,95 @@
+"""`layerlog upload-worker|verifier|query` and `run-all`: the services in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from services.cli.exits import EXIT_NO, EXIT_OK, EXIT_USAGE
+from services.core.settings import Settings
+
+SERVICES = ("upload-worker", "verifier", "query")
+
+
+def run_service(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    if args.service == "query" and args.read_only:
+        from services.query.index import check_index
+
+        problem = check_index(args.index or settings.index_path)
+        if problem is not None:
+            # Caught here, once: otherwise every request would answer a 500 about a missing file.
+            print(f"layerlog: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+
+    async def serve(stop: asyncio.Event) -> None:
+        if args.service == "upload-worker":
+            from services.upload_worker import service
+
+            await service.run(settings, stop)
+        elif args.service == "verifier":
+            from services.verifier import service
+
+            await service.run(settings, stop)
+        else:
+            from services.query import service
+
+            await service.run(settings, stop, index_path=args.index, read_only=args.read_only)
+
+    asyncio.run(_until_signalled(serve))
+    return EXIT_OK
+
+
+async def _until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(stop)
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """Starts each service as its own process; Ctrl-C (or one of them dying) stops them all."""
+    Settings.from_env()  # a bad setting should fail here, once, not three times
+    env = dict(os.environ)
+    env.setdefault("LAYERLOG_INDEX_PATH", str(Path(".cache/query/index.sqlite").resolve()))
+    Path(env["LAYERLOG_INDEX_PATH"]).parent.mkdir(parents=True, exist_ok=True)
+    children = [
+        subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env) for name in SERVICES
+    ]
+    started = ", ".join(f"{n} (pid {c.pid})" for n, c in zip(SERVICES, children, strict=True))
+    print(f"layerlog: started {started}; Ctrl-C stops them", flush=True)
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    # Explicit handlers: started from a script, this process may begin with SIGINT ignored.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    status = EXIT_OK
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    if not stopping:
+        # Ctrl-C reaches the services too and they may exit a moment before we hear of it.
+        time.sleep(1)
+    if not stopping:
+        status = EXIT_NO
+        print("layerlog: a service exited; stopping the others", file=sys.stderr)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+    for child in children:
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return status
