@@ -111,6 +111,14 @@ def sample(name: str) -> object:
         "original": b"o",
         "ttl_seconds": 11,
         "prev_hash": "p",
+        "reference": "latest",
+        "media_type": "application/vnd.oci.image.manifest.v1+json",
+        "body": b"{}",
+        "source_repository": "other/repo",
+        "subject": "sha256:s",
+        "artifact_type": "application/example",
+        "tag": "v1",
+        "previous_digest": "sha256:p",
     }
     cls = RECORD_TYPES[name]
     return cls(**{f: values[f] for f in cls.__dataclass_fields__ if f != "schema_version"})

@@ -194,6 +194,159 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 VERDICTS = (LayerCommitted, LayerValidationFailed)
 
 
+# Repository commands and events: the registry's manifests, tags and blob links, keyed by the
+# repository name so that one repository's changes are totally ordered in one partition.
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepositoryCommand:
+    repository: str
+    command_id: str = field(default_factory=new_id)
+    issued_at: datetime = field(default_factory=now)
+    schema_version: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PutManifest(RepositoryCommand):
+    """Store a manifest's exact bytes; with a tag reference, also point the tag at it."""
+
+    reference: str  # the tag or digest of the PUT's URL
+    digest: str  # of body, with the reference's algorithm when it is a digest, else sha256
+    media_type: str
+    body: bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"PutManifest(repository={self.repository!r}, reference={self.reference!r}, "
+            f"digest={self.digest!r}, len(body)={len(self.body)}, command_id={self.command_id!r})"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeleteManifest(RepositoryCommand):
+    """Remove a manifest, and every tag pointing at it, from the repository."""
+
+    digest: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeleteTag(RepositoryCommand):
+    tag: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class MountBlob(RepositoryCommand):
+    """Link a stored blob into the repository without copying it."""
+
+    digest: str
+    source_repository: str | None  # None: the registry found it by automatic content discovery
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnlinkBlob(RepositoryCommand):
+    """Remove the blob from the repository; its bytes stay while another repository links it."""
+
+    digest: str
+
+
+REPOSITORY_COMMAND_TYPES: tuple[type[RepositoryCommand], ...] = (
+    PutManifest,
+    DeleteManifest,
+    DeleteTag,
+    MountBlob,
+    UnlinkBlob,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepositoryEvent:
+    event_id: str
+    repository: str
+    caused_by: str | None
+    occurred_at: datetime = field(default_factory=now)
+    schema_version: int = 1
+    # The repository's hash chain: the sha256 of its previous chained event's encoded bytes.
+    prev_hash: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestStored(RepositoryEvent):
+    digest: str
+    media_type: str
+    size: int
+    body: bytes  # the exact bytes the client sent: the log alone can rebuild every manifest
+    object_key: str  # the copy in object storage, which GET serves and audit checks
+    subject: str | None  # digest of the manifest this one refers to (the referrers API)
+    artifact_type: str | None
+
+    def __repr__(self) -> str:
+        return (
+            f"ManifestStored(repository={self.repository!r}, digest={self.digest!r}, "
+            f"media_type={self.media_type!r}, size={self.size}, event_id={self.event_id!r})"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TagMoved(RepositoryEvent):
+    tag: str
+    digest: str
+    previous_digest: str | None  # None when the tag is new
+
+
+@dataclass(frozen=True, kw_only=True)
+class TagDeleted(RepositoryEvent):
+    tag: str
+    previous_digest: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestDeleted(RepositoryEvent):
+    digest: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlobMounted(RepositoryEvent):
+    digest: str
+    source_repository: str | None
+    size: int
+    object_key: str
+    blob_sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlobUnlinked(RepositoryEvent):
+    digest: str
+
+
+class RepositoryRejectReason:
+    INVALID_REPOSITORY = "INVALID_REPOSITORY"
+    INVALID_REFERENCE = "INVALID_REFERENCE"
+    INVALID_DIGEST = "INVALID_DIGEST"
+    MANIFEST_INVALID = "MANIFEST_INVALID"
+    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
+    BLOB_UNKNOWN = "BLOB_UNKNOWN"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepositoryCommandRejected(RepositoryEvent):
+    """The repository command was not applied; the repository is unchanged (outside the chain)."""
+
+    command_type: str
+    reason: str
+    detail: str
+
+
+REPOSITORY_EVENT_TYPES: tuple[type[RepositoryEvent], ...] = (
+    ManifestStored,
+    TagMoved,
+    TagDeleted,
+    ManifestDeleted,
+    BlobMounted,
+    BlobUnlinked,
+    RepositoryCommandRejected,
+)
+
+
 # Dead letters: bytes on the commands topic that are not a command at all.
 
 
@@ -220,5 +373,12 @@ class DeadLetter:
 
 
 RECORD_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (*COMMAND_TYPES, *EVENT_TYPES, DeadLetter)
+    cls.__name__: cls
+    for cls in (
+        *COMMAND_TYPES,
+        *EVENT_TYPES,
+        *REPOSITORY_COMMAND_TYPES,
+        *REPOSITORY_EVENT_TYPES,
+        DeadLetter,
+    )
 }
