@@ -71,6 +71,15 @@ class Projection:
                     if until is not None:
                         position = min(position, until.get(tp.partition, position))
                     positions[tp.partition] = position
+                for tp in partitions:
+                    # A partition without records in this batch may still have moved past
+                    # commit markers; a read barrier waits for exactly that on a busy log.
+                    if tp.partition not in positions:
+                        position = await consumer.position(tp)
+                        if until is not None:
+                            position = min(position, until.get(tp.partition, position))
+                        if position > self.positions.get(tp.partition, 0):
+                            positions[tp.partition] = position
                 newest = max(r.timestamp for records in batch.values() for r in records)
                 # Decoding (on this loop) and writing (in the writer thread, where SQLite lets go
                 # of the GIL) overlap: this batch was decoded while the previous one was written.
