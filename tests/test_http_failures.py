@@ -88,14 +88,11 @@ class CuttingProxy:
 @pytest.fixture()
 async def proxied_query(settings, tmp_path):
     proxy = await CuttingProxy(settings.s3_endpoint).start()
-    port = free_port()
-    proxied = replace(
-        settings,
-        s3_endpoint=f"127.0.0.1:{proxy.port}",
-        query_listen=f"127.0.0.1:{port}",
-        query_url=f"http://127.0.0.1:{port}",
-        index_path=str(tmp_path / "proxied-index.sqlite"),
-    )
+    # Its own address and index; the session's topics; S3 only through the proxy.
+    listen = f"127.0.0.1:{free_port()}"
+    index = tmp_path / "proxied-index.sqlite"
+    proxied = replace(settings, query_listen=listen, query_url="http://" + listen)
+    proxied = replace(proxied, s3_endpoint=f"127.0.0.1:{proxy.port}", index_path=str(index))
     service = ServiceProcess("query", proxied, tmp_path, "proxied").start()
     await wait_for_query(proxied)
     yield proxied, proxy, service
