@@ -16,7 +16,7 @@ from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.core.kafka import MAX_RECORD_BYTES
+from services.core.kafka import MAX_RECORD_BYTES, topic_partitions
 from services.core.settings import Settings
 
 # Raised when a range cannot be read to its end (a transaction stays open longer than this).
@@ -60,13 +60,9 @@ class LogReader:
         )
 
     async def __aenter__(self) -> LogReader:
+        # Offset requests for a topic the consumer does not track yet make it fetch the topic's
+        # metadata and retry, so nothing needs tracking here.
         await self.consumer.start()
-        try:
-            # Tracks the topic (and waits for its metadata) before anything asks for offsets.
-            await self.consumer._client.add_topic(self.topic)
-        except BaseException:
-            await self.consumer.stop()
-            raise
         return self
 
     async def __aexit__(
@@ -78,13 +74,7 @@ class LogReader:
         await self.consumer.stop()
 
     async def partitions(self) -> list[int]:
-        found = self.consumer.partitions_for_topic(self.topic)
-        if not found:
-            await self.consumer._client.force_metadata_update()
-            found = self.consumer.partitions_for_topic(self.topic)
-        if not found:
-            raise LookupError(f"topic {self.topic} does not exist")
-        return sorted(found)
+        return await topic_partitions(self.settings, self.topic)
 
     async def bounds(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
         """Per partition, (first offset still kept, end offset of committed records)."""

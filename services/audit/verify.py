@@ -13,8 +13,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer
-
+from services.core import kafka
 from services.core.codec import event_hash
 from services.core.eventlog import read_partition
 from services.core.objectstore import ObjectNotFound, ObjectStore
@@ -139,16 +138,7 @@ async def _digests(store: ObjectStore, key: str, algorithm: str) -> dict[str, st
 
 
 async def _partitions(settings: Settings) -> list[int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    await consumer.start()
-    try:
-        found = consumer.partitions_for_topic(settings.events_topic)
-        if not found:
-            await consumer._client.force_metadata_update()
-            found = consumer.partitions_for_topic(settings.events_topic) or set()
-        return sorted(found)
-    finally:
-        await consumer.stop()
+    return await kafka.topic_partitions(settings, settings.events_topic)
 
 
 async def run_verify(

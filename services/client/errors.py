@@ -46,3 +46,10 @@ VERDICT_ERRORS: dict[str, type[LayerError]] = {
     "INVALID_REPOSITORY": LayerNameInvalid,
     "REPOSITORY_MISMATCH": LayerUploadUnknown,
 }
+
+# The query service's 400 codes for a layer request.
+HTTP_ERRORS: dict[str, type[LayerError]] = {
+    "DIGEST_INVALID": LayerInvalidDigest,
+    "TARSUM_VERSION_UNSUPPORTED": LayerTarSumVersionUnsupported,
+    "NAME_INVALID": LayerNameInvalid,
+}

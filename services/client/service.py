@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaError
 
 from services.client.bodies import REDIRECTS, Body, ServiceBody, Unavailable, open_storage
 from services.client.errors import (
+    HTTP_ERRORS,
     VERDICT_ERRORS,
     LayerError,
     LayerInvalidDigest,
@@ -77,10 +78,15 @@ class LayerService:
         )
 
     async def close(self) -> None:
-        await self._producer.stop()
-        if self._http is not None:
-            await self._http.close()
-        self.storage.clear()
+        # Each resource is let go even when letting go of another one fails.
+        try:
+            await self._producer.stop()
+        finally:
+            try:
+                if self._http is not None:
+                    await self._http.close()
+            finally:
+                self.storage.clear()
 
     # LayerService verbs
 
@@ -91,12 +97,23 @@ class LayerService:
         return upload
 
     async def resume(self, upload_id: str) -> LayerUpload:
-        async with self.http.get(f"/uploads/{upload_id}") as response:
-            body = await response.json(content_type=None)
-            if response.status in (400, 404):
-                raise LayerUploadUnknown(body.get("message", f"upload {upload_id} unknown"))
-            _raise_for_status(response, body)
-        return LayerUpload(self, upload_id, body["repository"], body["offset"])
+        """The upload as of every command Kafka had acknowledged when it was asked: a started
+        upload is found, at the offset of its acknowledged writes."""
+        deadline = time.monotonic() + self.finish_timeout
+        attempt = 0
+        while True:
+            async with self.http.get(f"/uploads/{upload_id}") as response:
+                body = await response.json(content_type=None)
+                if response.status in (400, 404):
+                    raise LayerUploadUnknown(body.get("message", f"upload {upload_id} unknown"))
+                # 503: the service cannot tell yet (its index is behind the commands, or
+                # storage is away); it says so rather than answer a wrong 404.
+                if response.status != 503 or time.monotonic() > deadline:
+                    _raise_for_status(response, body)
+                    return LayerUpload(self, upload_id, body["repository"], body["offset"])
+                retry_after = _retry_after(response)
+            attempt += 1
+            await asyncio.sleep(min(retry_after, 0.05 * 2**attempt))
 
     async def exists(self, name: str, digest: str) -> bool:
         return await self._head(name, digest) is not None
@@ -164,10 +181,11 @@ class LayerService:
             if response.status == 404:
                 return None
             if response.status == 400:
-                body = await self.http.get(f"/v2/{name}/blobs/{digest}")
-                message = (await body.json(content_type=None)).get("message", "bad request")
-                body.release()
-                raise LayerInvalidDigest(message)
+                # HEAD has no body: the GET's says which error it is.
+                async with self.http.get(f"/v2/{name}/blobs/{digest}") as again:
+                    body = await again.json(content_type=None)
+                error_type = HTTP_ERRORS.get(body.get("error", ""), LayerInvalidDigest)
+                raise error_type(body.get("message", "bad request"))
             raise LayerError(f"query service answered {response.status} for {name}@{digest}")
 
     async def _wait_for_verdict(self, upload_id: str, command_id: str, final: set[str]) -> dict:
@@ -424,6 +442,13 @@ def _verdict_error(upload_id: str, body: dict) -> LayerError:
         return LayerUploadUnknown(f"upload {upload_id} was {body['state']}")
     error_type = VERDICT_ERRORS.get(body.get("reason") or "", LayerError)
     return error_type(f"upload {upload_id}: {body.get('reason')}: {body.get('detail')}")
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float:
+    try:
+        return max(0.0, min(5.0, float(response.headers.get("Retry-After", "1"))))
+    except ValueError:
+        return 1.0
 
 
 def _raise_for_status(response: aiohttp.ClientResponse, body: dict) -> None:

@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from services.core.codec import CODEC, DecodeError
+from services.core.kafka import topic_partitions
 from services.core.settings import Settings
 
 _PARTITIONER = DefaultPartitioner()
@@ -71,17 +72,7 @@ async def read_partition(
 
 async def upload_records(settings: Settings, topic: str, upload_id: str) -> list[LoggedRecord]:
     """The records of one upload in one topic, in log order."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or set()
-    finally:
-        await consumer.stop()
-    if not partitions:
-        raise LookupError(f"topic {topic} does not exist")
+    partitions = await topic_partitions(settings, topic)
     partition = partition_for(upload_id, len(partitions))
     return [
         logged

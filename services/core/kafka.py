@@ -65,6 +65,43 @@ def consumer(
     return AIOKafkaConsumer(*topics, **options)
 
 
+def upload_worker_group(settings: Settings) -> str:
+    """The upload worker's consumer group; the query service reads its committed offsets."""
+    # Named after the topic too: stacks on other topics (test runs, a second tenant) then form
+    # groups of their own instead of rebalancing this one every time they start or stop.
+    return f"layerlog-upload-worker.{settings.commands_topic}"
+
+
+def admin(settings: Settings, **overrides: object) -> AIOKafkaAdminClient:
+    options: dict[str, object] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "request_timeout_ms": 10_000,
+    }
+    options.update(overrides)
+    return AIOKafkaAdminClient(**options)
+
+
+async def describe_partitions(client: AIOKafkaAdminClient, topic: str) -> list[int]:
+    """The topic's partition numbers, from a fresh metadata request; LookupError if the topic
+    does not exist (or has no partitions yet)."""
+    for described in await client.describe_topics([topic]):
+        if described["topic"] == topic and described["error_code"] == 0:
+            found = sorted(p["partition"] for p in described["partitions"])
+            if found:
+                return found
+    raise LookupError(f"topic {topic} does not exist")
+
+
+async def topic_partitions(settings: Settings, topic: str) -> list[int]:
+    """describe_partitions through an admin client of its own, for one-off readers."""
+    client = admin(settings)
+    await client.start()
+    try:
+        return await describe_partitions(client, topic)
+    finally:
+        await client.close()
+
+
 def topic_specs(settings: Settings) -> list[NewTopic]:
     big_records = {"max.message.bytes": str(MAX_RECORD_BYTES)}
     return [

@@ -1,15 +1,19 @@
 """The query service's HTTP API: Exists and Fetch of layers, upload state, health and metrics.
 
-Every error is JSON: {"error": CODE, "message": "..."}; no input yields a 500.
+Every error is JSON: {"error": CODE, "message": "..."}; no input yields a 500. Every response
+carries X-Request-Id; an unexpected failure is logged once under that id, with its traceback, and
+the client gets the id, never the failure's text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -19,11 +23,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.objectstore import ObjectNotFound, ObjectStore, is_transient
-from services.digests.digest import DigestError, parse_digest
+from services.digests.digest import DigestError, TarSumVersionUnsupported, parse_digest
+from services.query.barrier import Behind, ReadBarrier
 from services.query.index import Index, LayerRow, UploadRow, UploadStates
 from services.query.projection import Projection
 
+log = logging.getLogger(__name__)
+
 MAX_WAIT_SECONDS = 60.0
+REQUEST_ID = web.RequestKey("request_id", str)
+# The response whose headers are sent: after that, an error cannot become a response of its own.
+BEGUN = web.RequestKey("begun", web.StreamResponse)
 # Long enough for a slow client to read a big layer; S3 checks the expiry when a read starts.
 REDIRECT_EXPIRY = timedelta(minutes=15)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -46,6 +56,26 @@ class Unsatisfiable(ValueError):
 
 def error(status: int, code: str, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+def internal_error(request_id: str) -> web.Response:
+    """The 500 body: the id to quote, nothing of the failure itself (that is in the log)."""
+    return web.json_response(
+        {
+            "error": "INTERNAL",
+            "message": f"internal error; the service logged it under request id {request_id}",
+            "request_id": request_id,
+        },
+        status=500,
+    )
+
+
+def digest_error(bad: DigestError) -> web.Response:
+    # The same digest gets the same error everywhere: finish() of an unknown TarSum version
+    # fails as TARSUM_VERSION_UNSUPPORTED, so HEAD and GET answer that code too.
+    if isinstance(bad, TarSumVersionUnsupported):
+        return error(400, "TARSUM_VERSION_UNSUPPORTED", str(bad))
+    return error(400, "DIGEST_INVALID", str(bad))
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -84,16 +114,19 @@ class QueryApi:
         projection: Projection | None,
         *,
         redirect: bool = False,
+        barrier: ReadBarrier | None = None,
     ) -> None:
         self.index = index
         self.store = store
         self.projection = projection
+        self.barrier = barrier
         self.redirect = redirect
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[str, Any] = {}
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.observe])
+        app.on_response_prepare.append(_stamp_request_id)
         # One named resource for both methods: a second add_route on the same path would make
         # an unnamed resource, and GETs would be counted under route="unmatched".
         blobs = app.router.add_resource("/v2/{name:.+}/blobs/{digest}", name="blob")
@@ -110,6 +143,7 @@ class QueryApi:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         started = time.perf_counter()
+        request[REQUEST_ID] = uuid.uuid4().hex
         route = request.match_info.route.name or "unmatched"
         try:
             response = await handler(request)
@@ -118,17 +152,45 @@ class QueryApi:
                 http_error.status, http_error.reason.upper().replace(" ", "_"), http_error.reason
             )
         except Exception as unexpected:  # the contract is JSON errors, never a bare 500 page
-            if is_transient(unexpected):
-                response = error(
-                    503,
-                    "STORAGE_UNAVAILABLE",
-                    "object storage is not answering; retry shortly",
-                    **{"Retry-After": "1"},
-                )
-            else:
-                response = error(500, "INTERNAL", f"{type(unexpected).__name__}: {unexpected}")
+            response = self._failed(request, unexpected)
         self._count(route, request.method, response.status, time.perf_counter() - started)
         return response
+
+    def _failed(self, request: web.Request, unexpected: Exception) -> web.StreamResponse:
+        request_id = request[REQUEST_ID]
+        begun = request.get(BEGUN)
+        where = f"{request.method} {request.path[:200]}"
+        fields = {"request_id": request_id}
+        if begun is not None:
+            # Headers and part of the body are out: a second response would land in the body.
+            # Closing the connection leaves the client a short body, which it reads again from
+            # where it got to.
+            log.error(
+                "%s failed mid-body after headers were sent (request %s); closing the connection",
+                where,
+                request_id,
+                exc_info=unexpected,
+                extra=fields,
+            )
+            if request.transport is not None:
+                request.transport.close()
+            return begun
+        if is_transient(unexpected):
+            log.warning(
+                "%s: object storage unavailable (request %s): %r",
+                where,
+                request_id,
+                unexpected,
+                extra=fields,
+            )
+            return error(
+                503,
+                "STORAGE_UNAVAILABLE",
+                "object storage is not answering; retry shortly",
+                **{"Retry-After": "1"},
+            )
+        log.error("%s failed (request %s)", where, request_id, exc_info=unexpected, extra=fields)
+        return internal_error(request_id)
 
     def _count(self, route: str, method: str, status: int, seconds: float) -> None:
         # Resolving labels takes a lock and builds a key on every call; a HEAD costs tens of
@@ -152,7 +214,7 @@ class QueryApi:
         try:
             parse_digest(digest)
         except DigestError as bad:
-            return error(400, "DIGEST_INVALID", str(bad))
+            return digest_error(bad)
         # A primary-key lookup in SQLite (WAL: readers never wait for the projection's writes)
         # takes ~20 µs, an eighth of handing it to a thread and back, and without a thread pool
         # (6 threads by default) 64 concurrent HEADs do not queue behind one another.
@@ -204,13 +266,31 @@ class QueryApi:
                 404, "BLOB_UNKNOWN", f"the bytes of {layer.digest} are missing from storage"
             )
         await response.prepare(request)
+        request[BEGUN] = response
+        sent = len(first_chunk)
         await response.write(first_chunk)
         async for chunk in chunks:
+            sent += len(chunk)
             await response.write(chunk)
+        if sent != length:
+            raise ConnectionError(f"storage sent {sent} of {length} bytes of {layer.object_key}")
         await response.write_eof()
         return response
 
     async def upload(self, request: web.Request) -> web.Response:
+        if self.barrier is not None:
+            try:
+                await self.barrier.wait(check_upload_id(request.match_info["uuid"]))
+            except InvalidName as bad:
+                return error(400, "UPLOAD_ID_INVALID", str(bad))
+            except Behind as behind:
+                # A 404 now could be wrong: the upload may be in a command not yet applied.
+                return error(
+                    503,
+                    "INDEX_BEHIND",
+                    f"the index is catching up: {behind}",
+                    **{"Retry-After": "1"},
+                )
         row = await self._upload_row(request)
         if isinstance(row, web.Response):
             return row
@@ -291,6 +371,12 @@ class QueryApi:
         response = web.Response(body=generate_latest())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
+
+
+async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
 
 
 def _layer_headers(layer: LayerRow) -> dict[str, str]:

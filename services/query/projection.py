@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from services.core import kafka, metrics
 from services.core.codec import CODEC, DecodeError
@@ -16,6 +19,7 @@ from services.core.settings import Settings
 from services.query.index import Index
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Projection:
@@ -37,7 +41,7 @@ class Projection:
         consumer = kafka.consumer(self.settings, [], None, max_poll_records=5000)
         await start_with_retry(consumer.start, "query projection")
         try:
-            partitions = await self._partitions(consumer)
+            partitions = await self._partitions()
             consumer.assign(partitions)
             stored = await self._in_writer(self.index.offsets, self.topic)
             for tp in partitions:
@@ -67,6 +71,15 @@ class Projection:
                     if until is not None:
                         position = min(position, until.get(tp.partition, position))
                     positions[tp.partition] = position
+                for tp in partitions:
+                    # A partition without records in this batch may still have moved past
+                    # commit markers; a read barrier waits for exactly that on a busy log.
+                    if tp.partition not in positions:
+                        position = await consumer.position(tp)
+                        if until is not None:
+                            position = min(position, until.get(tp.partition, position))
+                        if position > self.positions.get(tp.partition, 0):
+                            positions[tp.partition] = position
                 newest = max(r.timestamp for records in batch.values() for r in records)
                 # Decoding (on this loop) and writing (in the writer thread, where SQLite lets go
                 # of the GIL) overlap: this batch was decoded while the previous one was written.
@@ -82,8 +95,13 @@ class Projection:
             await consumer.stop()
             self.writer.shutdown(wait=True)
 
-    async def _apply(  # type: ignore[no-untyped-def]
-        self, rows: list[Event | None], positions: dict[int, int], newest: int, consumer, partitions
+    async def _apply(
+        self,
+        rows: list[Event | None],
+        positions: dict[int, int],
+        newest: int,
+        consumer: AIOKafkaConsumer,
+        partitions: list[TopicPartition],
     ) -> None:
         await self._in_writer(self.index.apply, self.topic, rows, positions)
         self.positions.update(positions)
@@ -100,19 +118,18 @@ class Projection:
         if applying is not None:
             await applying
 
-    async def _partitions(self, consumer) -> list[TopicPartition]:  # type: ignore[no-untyped-def]
+    async def _partitions(self) -> list[TopicPartition]:
         while True:
-            found = consumer.partitions_for_topic(self.topic)
-            if found:
-                return [TopicPartition(self.topic, p) for p in sorted(found)]
-            await consumer._client.force_metadata_update()
-            found = consumer.partitions_for_topic(self.topic)
-            if found:
-                return [TopicPartition(self.topic, p) for p in sorted(found)]
-            log.warning("topic %s has no partitions yet; waiting", self.topic)
+            try:
+                found = await kafka.topic_partitions(self.settings, self.topic)
+                return [TopicPartition(self.topic, p) for p in found]
+            except (LookupError, KafkaError, OSError) as error:
+                log.warning("topic %s has no partitions yet (%s); waiting", self.topic, error)
             await asyncio.sleep(1)
 
-    async def _note_end_offsets(self, consumer, partitions) -> None:  # type: ignore[no-untyped-def]
+    async def _note_end_offsets(
+        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
+    ) -> None:
         try:
             ends = await consumer.end_offsets(partitions)
         except Exception as error:  # lag is informational; Kafka being away is logged elsewhere
@@ -120,7 +137,12 @@ class Projection:
             return
         self.end_offsets = {tp.partition: offset for tp, offset in ends.items()}
 
-    async def _store_idle_positions(self, consumer, partitions, until) -> None:  # type: ignore[no-untyped-def]
+    async def _store_idle_positions(
+        self,
+        consumer: AIOKafkaConsumer,
+        partitions: list[TopicPartition],
+        until: dict[int, int] | None,
+    ) -> None:
         """With nothing to read, the position still moves past trailing commit markers; storing
         it lets the stored offsets reach the log's end offsets."""
         moved = {}
@@ -133,12 +155,16 @@ class Projection:
         if moved:
             await self._in_writer(self.index.apply, self.topic, [], moved)
             self.positions.update(moved)
+            async with self.changed:
+                self.changed.notify_all()  # a read barrier may wait for these positions
 
     def _reached(self, until: dict[int, int]) -> bool:
         return all(self.positions.get(p, 0) >= offset for p, offset in until.items())
 
     @staticmethod
-    def _cut(batch, until: dict[int, int]):  # type: ignore[no-untyped-def]
+    def _cut(
+        batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], until: dict[int, int]
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
         """Drops records at or past the cut, so a replay stops exactly there."""
         kept = {}
         for tp, records in batch.items():
@@ -148,7 +174,7 @@ class Projection:
                 kept[tp] = inside
         return kept
 
-    def _export_lag(self, consumer, partitions) -> None:  # type: ignore[no-untyped-def]
+    def _export_lag(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         """Per-partition lag for /metrics. While busy, end offsets are only noted when idle, so
         the high watermark of the latest fetch (newer, when there is one) is used as well."""
         for tp in partitions:
@@ -159,13 +185,27 @@ class Projection:
             lag = max(0, end - self.positions.get(tp.partition, 0))
             metrics.PROJECTION_LAG.labels(str(tp.partition)).set(lag)
 
+    async def reach(self, partition: int, offset: int, timeout: float) -> bool:
+        """Waits until the index holds the partition's events below offset; False on timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with self.changed:
+            while self.positions.get(partition, 0) < offset:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self.changed.wait(), remaining)
+                except TimeoutError:
+                    return False
+        return True
+
     def lag(self) -> int:
         return sum(
             max(0, end - self.positions.get(partition, 0))
             for partition, end in self.end_offsets.items()
         )
 
-    def _decode(self, record) -> Event | None:  # type: ignore[no-untyped-def]
+    def _decode(self, record: ConsumerRecord[bytes, bytes]) -> Event | None:
         try:
             event = CODEC.decode(record.value or b"")
         except DecodeError as error:
@@ -179,5 +219,5 @@ class Projection:
             return None
         return event if isinstance(event, Event) else None
 
-    async def _in_writer(self, function, *args):  # type: ignore[no-untyped-def]
+    async def _in_writer(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.writer, function, *args)

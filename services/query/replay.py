@@ -8,6 +8,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from services.core import kafka
 from services.core.settings import Settings
 from services.query.index import Index
 from services.query.projection import Projection
@@ -21,11 +22,8 @@ async def cut_offsets(
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(settings.events_topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(settings.events_topic) or set()
-        tps = [TopicPartition(settings.events_topic, p) for p in sorted(partitions)]
+        partitions = await kafka.topic_partitions(settings, settings.events_topic)
+        tps = [TopicPartition(settings.events_topic, p) for p in partitions]
         ends = await consumer.end_offsets(tps)
         cut = {tp.partition: offset for tp, offset in ends.items()}
         if until_time is not None:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from services.core.objectstore import ObjectStore
 from services.core.settings import Settings
+from services.query.barrier import ReadBarrier
 from services.query.http import QueryApi
 from services.query.index import Index
 from services.query.projection import Projection
@@ -25,7 +26,14 @@ async def run(
 ) -> None:
     index = Index(index_path or settings.index_path, read_only=read_only)
     projection = None if read_only else Projection(settings, index)
-    api = QueryApi(index, ObjectStore(settings), projection, redirect=settings.blob_redirect)
+    barrier = None if projection is None else ReadBarrier(settings, projection)
+    api = QueryApi(
+        index,
+        ObjectStore(settings),
+        projection,
+        redirect=settings.blob_redirect,
+        barrier=barrier,
+    )
     # Long request lines must reach the handlers, which answer them with a JSON 400, rather than
     # the HTTP parser's plain-text refusal.
     runner = web.AppRunner(api.app(), access_log=None, max_line_size=65536, max_field_size=65536)
@@ -44,3 +52,5 @@ async def run(
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await runner.cleanup()
+        if barrier is not None:
+            await barrier.close()

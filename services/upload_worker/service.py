@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.core import metrics, objectstore
+from services.core import kafka, metrics, objectstore
 from services.core.objectstore import ObjectStore
 from services.core.processor import Processor
 from services.core.settings import Settings
@@ -20,12 +20,6 @@ from services.upload_worker.staging import LEDGER_LENGTH, StagingArea
 log = logging.getLogger(__name__)
 
 
-def group_id(settings: Settings) -> str:
-    # Named after the topic too: stacks on other topics (test runs, a second tenant) then form
-    # groups of their own instead of rebalancing this one every time they start or stop.
-    return f"layerlog-upload-worker.{settings.commands_topic}"
-
-
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     store = ObjectStore(settings)
     staging = StagingArea(store, settings.part_size)
@@ -34,7 +28,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         settings,
         name="upload-worker",
         input_topic=settings.commands_topic,
-        group_id=group_id(settings),
+        group_id=kafka.upload_worker_group(settings),
         handle=handler.handle,
         is_transient=objectstore.is_transient,
         on_error=handler.on_error,
