@@ -11,7 +11,7 @@ from aiokafka import TopicPartition
 from services.core import kafka, metrics
 from services.core.codec import CODEC, DecodeError
 from services.core.processor import start_with_retry
-from services.core.records import Event
+from services.core.records import Event, RepositoryEvent
 from services.core.settings import Settings
 from services.query.index import Index
 
@@ -83,7 +83,12 @@ class Projection:
             self.writer.shutdown(wait=True)
 
     async def _apply(  # type: ignore[no-untyped-def]
-        self, rows: list[Event | None], positions: dict[int, int], newest: int, consumer, partitions
+        self,
+        rows: list[Event | RepositoryEvent | None],
+        positions: dict[int, int],
+        newest: int,
+        consumer,
+        partitions,
     ) -> None:
         await self._in_writer(self.index.apply, self.topic, rows, positions)
         self.positions.update(positions)
@@ -165,10 +170,12 @@ class Projection:
             for partition, end in self.end_offsets.items()
         )
 
-    def _decode(self, record) -> Event | None:  # type: ignore[no-untyped-def]
+    def _decode(self, record) -> Event | RepositoryEvent | None:  # type: ignore[no-untyped-def]
         try:
             event = CODEC.decode(record.value or b"")
         except DecodeError as error:
+            # A record type this version does not know (a newer writer's) is skipped, not a
+            # reason to stop: the offsets still move past it, and the rest of the log applies.
             log.error(
                 "skipping undecodable event %s[%d]@%d: %s",
                 record.topic,
@@ -177,7 +184,16 @@ class Projection:
                 error,
             )
             return None
-        return event if isinstance(event, Event) else None
+        if isinstance(event, Event | RepositoryEvent):
+            return event
+        log.error(
+            "skipping %s at %s[%d]@%d: not an event",
+            type(event).__name__,
+            record.topic,
+            record.partition,
+            record.offset,
+        )
+        return None
 
     async def _in_writer(self, function, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self.writer, function, *args)
