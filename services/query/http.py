@@ -49,7 +49,8 @@ class Unsatisfiable(ValueError):
 def error(status: int, code: str, message: str, **headers: str) -> web.Response:
     # "errors" is the OCI distribution spec's form, which registry clients read; "error" and
     # "message" are the SDK's.
-    body = {"error": code, "message": message, "errors": [{"code": code, "message": message}]}
+    oci = {"code": code, "message": message, "detail": {}}
+    body = {"error": code, "message": message, "errors": [oci]}
     return web.json_response(body, status=status, headers=headers)
 
 
