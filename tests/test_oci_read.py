@@ -487,10 +487,12 @@ async def test_a_replay_until_a_time_serves_what_a_tag_pointed_to_then(
     later = await writer.manifest(name, later_body, tag="latest", previous=then)
     await writer.move(name, "new", later, None, new_id())
     out = tmp_path / "as-of.sqlite"
-    status, _, err = await run_cli(
-        capsys, "replay", "--until", moment.isoformat(), "--out", str(out)
+    status, stdout, err = await run_cli(
+        capsys, "replay", "--until", moment.isoformat(), "--out", str(out), "--json"
     )
     assert status == 0, err
+    report = json.loads(stdout)
+    assert report["manifests"] >= 1 and report["tags"] >= 1
     async with query_service(
         settings, tmp_path / "read-only.log", index=out, read_only=True
     ) as served:
