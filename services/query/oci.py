@@ -45,8 +45,14 @@ class Codes:
     PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"
 
 
-def oci_error(status: int, code: str, message: str, detail: object = None) -> web.Response:
-    body = {"errors": [{"code": code, "message": message, "detail": detail or {}}]}
+def oci_error(
+    status: int, code: str, message: str, detail: object = None, *, sdk_fields: bool = False
+) -> web.Response:
+    body: dict[str, object] = {
+        "errors": [{"code": code, "message": message, "detail": detail or {}}]
+    }
+    if sdk_fields:  # the query service's own {"error", "message"}, which its SDK reads
+        body.update(error=code, message=message)
     return web.json_response(body, status=status, headers=API_VERSION)
 
 
@@ -76,6 +82,7 @@ async def oci_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             refusal.status,
             Codes.UNSUPPORTED,
             f"{request.method} {request.path[:200]}: {refusal.reason}",
+            sdk_fields=True,  # the blob routes share this path space with the SDK
         )
     for name, value in API_VERSION.items():
         response.headers.setdefault(name, value)
