@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from services.core import kafka
 from services.core.codec import CODEC
@@ -32,6 +32,12 @@ from services.oci.manifest import OCI_MANIFEST
 from tests.conftest import ROOT, free_port, settings_env, wait_for_query
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
+E = TypeVar("E", bound=RepositoryEvent)
+
+
+def repository_event(kind: type[E], repository: str, cause: str | None, **fields: Any) -> E:
+    """An event of the repository, with a fresh id, caused by the command `cause`."""
+    return kind(event_id=new_id(), repository=repository, caused_by=cause, **fields)
 
 
 def digest_of(body: bytes, algorithm: str = "sha256") -> str:
@@ -109,10 +115,10 @@ class EventWriter:
         """ManifestStored, then TagMoved for a tag, caused by one command; returns the digest."""
         digest = digest_of(body, algorithm)
         cause = command_id or new_id()
-        stored = ManifestStored(
-            event_id=new_id(),
-            repository=repository,
-            caused_by=cause,
+        stored = repository_event(
+            ManifestStored,
+            repository,
+            cause,
             digest=digest,
             media_type=OCI_MANIFEST,
             size=len(body),
@@ -129,34 +135,17 @@ class EventWriter:
     async def move(
         self, repository: str, tag: str, digest: str, previous: str | None, cause: str
     ) -> None:
-        await self.events(
-            TagMoved(
-                event_id=new_id(),
-                repository=repository,
-                caused_by=cause,
-                tag=tag,
-                digest=digest,
-                previous_digest=previous,
-            )
-        )
+        moved = dict(tag=tag, digest=digest, previous_digest=previous)
+        await self.events(repository_event(TagMoved, repository, cause, **moved))
 
     async def delete_manifest(self, repository: str, digest: str, tags: list[str]) -> str:
         cause = new_id()
-        await self.events(
-            *(
-                TagDeleted(
-                    event_id=new_id(),
-                    repository=repository,
-                    caused_by=cause,
-                    tag=tag,
-                    previous_digest=digest,
-                )
-                for tag in tags
-            ),
-            ManifestDeleted(
-                event_id=new_id(), repository=repository, caused_by=cause, digest=digest
-            ),
-        )
+        untagged = [
+            repository_event(TagDeleted, repository, cause, tag=tag, previous_digest=digest)
+            for tag in tags
+        ]
+        deleted = repository_event(ManifestDeleted, repository, cause, digest=digest)
+        await self.events(*untagged, deleted)
         return cause
 
 

@@ -8,7 +8,12 @@ import json
 from services.core.records import DeleteTag, PutManifest, TagDeleted, new_id
 from services.oci.manifest import OCI_MANIFEST
 from tests.conftest import run_cli
-from tests.registry_events import EventWriter, image_manifest, unique_repository
+from tests.registry_events import (
+    EventWriter,
+    image_manifest,
+    repository_event,
+    unique_repository,
+)
 
 
 async def put(events: EventWriter, name: str, seed: str, tag: str, previous: str | None) -> str:
@@ -16,16 +21,8 @@ async def put(events: EventWriter, name: str, seed: str, tag: str, previous: str
     body = image_manifest(seed)
     cause = new_id()
     digest = await events.manifest(name, body, tag=tag, previous=previous, command_id=cause)
-    await events.command(
-        PutManifest(
-            repository=name,
-            reference=tag,
-            digest=digest,
-            media_type=OCI_MANIFEST,
-            body=body,
-            command_id=cause,
-        )
-    )
+    fields = {"repository": name, "reference": tag, "digest": digest, "body": body}
+    await events.command(PutManifest(media_type=OCI_MANIFEST, command_id=cause, **fields))
     return digest
 
 
@@ -41,15 +38,8 @@ async def test_the_history_of_a_tag_lists_every_digest_and_the_command_that_move
         await put(events, unique_repository("history/elsewhere"), "elsewhere", "latest", None)
         untag = DeleteTag(repository=name, tag="latest")
         await events.command(untag)
-        await events.events(
-            TagDeleted(
-                event_id=new_id(),
-                repository=name,
-                caused_by=untag.command_id,
-                tag="latest",
-                previous_digest=second,
-            )
-        )
+        untagged = dict(tag="latest", previous_digest=second)
+        await events.events(repository_event(TagDeleted, name, untag.command_id, **untagged))
         # A move whose command is no longer in the commands topic.
         third = await put(events, name, "third latest", "other", None)
         gone = new_id()

@@ -35,6 +35,7 @@ from tests.registry_events import (
     eventually,
     image_manifest,
     query_service,
+    repository_event,
     unique_repository,
 )
 
@@ -364,19 +365,9 @@ async def test_mounted_blobs_are_served_and_unlinked_ones_are_not(
             )
         ),
     )
-    mount = new_id()
-    await writer.events(
-        BlobMounted(
-            event_id=new_id(),
-            repository=target,
-            caused_by=mount,
-            digest=digest,
-            source_repository=source,
-            size=len(data),
-            object_key=key,
-            blob_sha256=digest.removeprefix("sha256:"),
-        )
-    )
+    mounted = dict(digest=digest, source_repository=source, size=len(data), object_key=key)
+    sha = digest.removeprefix("sha256:")
+    await writer.events(repository_event(BlobMounted, target, new_id(), **mounted, blob_sha256=sha))
     for name in (source, target):
         await until_status(http, f"/v2/{name}/blobs/{digest}", 200)
         async with http.get(f"/v2/{name}/blobs/{digest}") as response:
@@ -385,16 +376,12 @@ async def test_mounted_blobs_are_served_and_unlinked_ones_are_not(
             assert response.headers["Content-Length"] == str(len(data))
             assert response.headers["Docker-Content-Digest"] == digest
     # Unlinking from the source (where it was pushed) leaves the target's link alone.
-    await writer.events(
-        BlobUnlinked(event_id=new_id(), repository=source, caused_by=new_id(), digest=digest)
-    )
+    await writer.events(repository_event(BlobUnlinked, source, new_id(), digest=digest))
     await until_status(http, f"/v2/{source}/blobs/{digest}", 404)
     async with http.get(f"/v2/{source}/blobs/{digest}") as response:
         assert await oci_error(response) == "BLOB_UNKNOWN"
     assert await status_of(http, f"/v2/{target}/blobs/{digest}") == 200
-    await writer.events(
-        BlobUnlinked(event_id=new_id(), repository=target, caused_by=new_id(), digest=digest)
-    )
+    await writer.events(repository_event(BlobUnlinked, target, new_id(), digest=digest))
     await until_status(http, f"/v2/{target}/blobs/{digest}", 404)
     async with http.get("/v2/_catalog", params={"n": "10000"}) as response:
         listed = (await response.json())["repositories"]
@@ -406,16 +393,8 @@ async def test_outcomes_say_what_each_command_did(http, writer, query: Settings)
     put = new_id()
     await writer.manifest(name, image_manifest("outcome"), tag="t", command_id=put)
     refused = new_id()
-    await writer.events(
-        RepositoryCommandRejected(
-            event_id=new_id(),
-            repository=name,
-            caused_by=refused,
-            command_type="DeleteManifest",
-            reason="MANIFEST_UNKNOWN",
-            detail="no such manifest",
-        )
-    )
+    refusal = dict(command_type="DeleteManifest", reason="MANIFEST_UNKNOWN", detail="no such")
+    await writer.events(repository_event(RepositoryCommandRejected, name, refused, **refusal))
     await until_status(http, f"/v2/{name}/manifests/t", 200)
     index = Index(query.index_path)
 
@@ -431,7 +410,7 @@ async def test_outcomes_say_what_each_command_did(http, writer, query: Settings)
     assert (rejected.command_type, rejected.reason, rejected.detail) == (
         "DeleteManifest",
         "MANIFEST_UNKNOWN",
-        "no such manifest",
+        "no such",
     )
     assert await asyncio.to_thread(index.outcome, new_id()) is None
 

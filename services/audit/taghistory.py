@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any, TextIO
 
-from services.audit.history import RETENTION_NOTE, WINDOW_MARGIN_MS, CommandStatus
+from services.audit.history import (
+    RETENTION_NOTE,
+    WINDOW_MARGIN_MS,
+    CommandInfo,
+    CommandStatus,
+    _iso,
+    command_json,
+)
 from services.audit.logread import LogReader
 from services.core.codec import CODEC, DecodeError
 from services.core.eventlog import partition_for
@@ -24,20 +31,11 @@ from services.core.settings import Settings
 
 
 @dataclass(frozen=True)
-class CausingCommand:
-    kind: str
-    command_id: str
-    partition: int
-    offset: int
-    issued_at: datetime
-
-
-@dataclass(frozen=True)
 class TagChange:
     partition: int
     offset: int
     event: TagMoved | TagDeleted
-    command: CausingCommand | None
+    command: CommandInfo | None
     command_status: str
 
     @property
@@ -78,9 +76,9 @@ async def tag_history(settings: Settings, repository: str, tag: str) -> list[Tag
 
 async def _causing_commands(
     settings: Settings, repository: str, moves: list[tuple[int, int, int, TagMoved | TagDeleted]]
-) -> dict[str, CausingCommand]:
+) -> dict[str, CommandInfo]:
     wanted = {event.caused_by for *_, event in moves if event.caused_by}
-    found: dict[str, CausingCommand] = {}
+    found: dict[str, CommandInfo] = {}
     if not wanted:
         return found
     key = repository.encode()
@@ -104,21 +102,18 @@ async def _causing_commands(
                 except DecodeError:
                     continue
                 if isinstance(command, RepositoryCommand) and command.command_id in wanted:
-                    found.setdefault(
+                    if command.command_id in found:
+                        found[command.command_id].copies += 1
+                        continue
+                    found[command.command_id] = CommandInfo(
+                        type(command).__name__,
                         command.command_id,
-                        CausingCommand(
-                            type(command).__name__,
-                            command.command_id,
-                            raw.partition,
-                            raw.offset,
-                            command.issued_at,
-                        ),
+                        raw.partition,
+                        raw.offset,
+                        command.issued_at,
+                        {"reference": getattr(command, "reference", None)},
                     )
     return found
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def change_json(repository: str, change: TagChange) -> dict[str, Any]:
@@ -135,15 +130,7 @@ def change_json(repository: str, change: TagChange) -> dict[str, Any]:
         "event_id": event.event_id,
         "caused_by": event.caused_by,
         "command_status": change.command_status,
-        "command": None
-        if command is None
-        else {
-            "type": command.kind,
-            "command_id": command.command_id,
-            "partition": command.partition,
-            "offset": command.offset,
-            "issued_at": _iso(command.issued_at),
-        },
+        "command": None if command is None else command_json(command),
     }
 
 

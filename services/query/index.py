@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from services.core.records import (
     BlobMounted,
@@ -580,42 +581,8 @@ class Index:
                     at,
                 ),
             )
-        elif isinstance(event, TagMoved):
-            db.execute(
-                "INSERT OR REPLACE INTO tags (repository, tag, digest, moved_at) "
-                "VALUES (?, ?, ?, ?)",
-                (event.repository, event.tag, event.digest, at),
-            )
-        elif isinstance(event, TagDeleted):
-            db.execute(
-                "DELETE FROM tags WHERE repository = ? AND tag = ?", (event.repository, event.tag)
-            )
-        elif isinstance(event, ManifestDeleted):
-            # Its TagDeleted events came first; a tag left pointing at it would point at nothing.
-            db.execute(
-                "DELETE FROM tags WHERE repository = ? AND digest = ?",
-                (event.repository, event.digest),
-            )
-            db.execute(
-                "DELETE FROM manifests WHERE repository = ? AND digest = ?",
-                (event.repository, event.digest),
-            )
-        elif isinstance(event, BlobMounted):
-            db.execute(
-                "INSERT INTO blob_links (repository, digest, mounted, size, object_key, "
-                "mounted_at) VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (repository, digest) DO UPDATE "
-                "SET mounted = 1, size = excluded.size, object_key = excluded.object_key, "
-                "mounted_at = excluded.mounted_at",
-                (event.repository, event.digest, event.size, event.object_key, at),
-            )
-        elif isinstance(event, BlobUnlinked):
-            db.execute(
-                "INSERT INTO blob_links (repository, digest, mounted, unlinked_at) "
-                "VALUES (?, ?, 0, ?) ON CONFLICT (repository, digest) DO UPDATE "
-                "SET mounted = 0, "
-                "unlinked_at = max(coalesce(unlinked_at, 0), excluded.unlinked_at)",
-                (event.repository, event.digest, at),
-            )
+        for statement, parameters in _REPOSITORY_STATEMENTS.get(type(event), ()):
+            db.execute(statement, parameters(event, at))
 
     def _set_state(
         self, db: sqlite3.Connection, event: Event, state: str, **columns: object
@@ -625,6 +592,49 @@ class Index:
             f"UPDATE uploads SET state = ?, updated_at = ?{assignments} WHERE upload_id = ?",
             (state, _ms(event.occurred_at), *columns.values(), event.upload_id),
         )
+
+
+def _repository_digest(event: Any, _at: int) -> tuple[Any, ...]:
+    return (event.repository, event.digest)
+
+
+# The repository events other than ManifestStored, each as its statements and their parameters
+# (the event and its time in ms).
+_REPOSITORY_STATEMENTS: dict[
+    type, tuple[tuple[str, Callable[[Any, int], tuple[Any, ...]]], ...]
+] = {
+    TagMoved: (
+        (
+            "INSERT OR REPLACE INTO tags (repository, tag, digest, moved_at) VALUES (?, ?, ?, ?)",
+            lambda e, at: (e.repository, e.tag, e.digest, at),
+        ),
+    ),
+    TagDeleted: (
+        ("DELETE FROM tags WHERE repository = ? AND tag = ?", lambda e, _: (e.repository, e.tag)),
+    ),
+    # Its TagDeleted events came first; a tag left pointing at it would point at nothing.
+    ManifestDeleted: tuple(
+        (f"DELETE FROM {table} WHERE repository = ? AND digest = ?", _repository_digest)
+        for table in ("tags", "manifests")
+    ),
+    BlobMounted: (
+        (
+            "INSERT INTO blob_links (repository, digest, mounted, size, object_key, mounted_at) "
+            "VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (repository, digest) DO UPDATE SET "
+            "mounted = 1, size = excluded.size, object_key = excluded.object_key, "
+            "mounted_at = excluded.mounted_at",
+            lambda e, at: (e.repository, e.digest, e.size, e.object_key, at),
+        ),
+    ),
+    BlobUnlinked: (
+        (
+            "INSERT INTO blob_links (repository, digest, mounted, unlinked_at) VALUES (?, ?, 0, ?) "
+            "ON CONFLICT (repository, digest) DO UPDATE SET mounted = 0, "
+            "unlinked_at = max(coalesce(unlinked_at, 0), excluded.unlinked_at)",
+            lambda e, at: (e.repository, e.digest, at),
+        ),
+    ),
+}
 
 
 def _referrer_fields(event: ManifestStored) -> tuple[str | None, str | None, str | None]:
