@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -349,21 +349,13 @@ def entry_json(entry: Entry) -> dict[str, Any]:
             line["error"] = logged.error
     line["caused_by"] = entry.command_id
     line["command_status"] = entry.command_status
-    command = entry.command
-    line["command"] = (
-        None
-        if command is None
-        else {
-            "type": command.kind,
-            "command_id": command.command_id,
-            "partition": command.partition,
-            "offset": command.offset,
-            "issued_at": _iso(command.issued_at),
-            "copies": command.copies,
-            "details": _plain(command.details),
-        }
-    )
+    line["command"] = None if entry.command is None else command_json(entry.command)
     return line
+
+
+def command_json(command: CommandInfo) -> dict[str, Any]:
+    described = asdict(command)
+    return {"type": described.pop("kind"), **_plain(described)}
 
 
 def write_json(histories: Iterable[UploadHistory], out: TextIO) -> None:

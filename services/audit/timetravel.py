@@ -2,7 +2,8 @@
 
 The point is a time (every partition cut at its first record at or after it) or explicit
 PARTITION:OFFSET cuts (the offset itself is not included; unnamed partitions are cut at their end).
-`layerlog query --index FILE --read-only` then serves Exists/Fetch from the result.
+`layerlog query --index FILE --read-only` then serves Exists/Fetch from the result, and the OCI
+read routes: the manifests, tags and referrers as they were at the cut.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class Replayed:
     events: int
     layers: int
     uploads: int
+    manifests: int = 0
+    tags: int = 0
 
 
 async def replay(settings: Settings, out: str | Path, until: Until) -> Replayed:
@@ -87,12 +90,12 @@ async def replay(settings: Settings, out: str | Path, until: Until) -> Replayed:
     await asyncio.to_thread(_remove, partial)
     cut = await cut_offsets(settings, until_time=until.time, until=until.offsets)
     events = await rebuild(settings, partial, cut)
-    layers, uploads = await asyncio.to_thread(_seal, partial, path)
+    layers, uploads, manifests, tags = await asyncio.to_thread(_seal, partial, path)
     await asyncio.to_thread(_remove, partial)
-    return Replayed(path, cut, events, layers, uploads)
+    return Replayed(path, cut, events, layers, uploads, manifests, tags)
 
 
-def _seal(partial: Path, out: Path) -> tuple[int, int]:
+def _seal(partial: Path, out: Path) -> tuple[int, int, int, int]:
     """Copies the replayed index into one self-contained file and counts what it holds.
 
     The projection writes in WAL mode, whose -wal and -shm files a read-only reader would need
@@ -106,9 +109,11 @@ def _seal(partial: Path, out: Path) -> tuple[int, int]:
         db.close()
     db = sqlite3.connect(f"file:{out}?mode=ro", uri=True)
     try:
-        layers = db.execute("SELECT count(*) FROM layers").fetchone()[0]
-        uploads = db.execute("SELECT count(*) FROM uploads").fetchone()[0]
-        return int(layers), int(uploads)
+        counts = [
+            int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+            for table in ("layers", "uploads", "manifests", "tags")
+        ]
+        return counts[0], counts[1], counts[2], counts[3]
     finally:
         db.close()
 

@@ -129,6 +129,8 @@ async def history(args: argparse.Namespace) -> int:
         raise UsageError("history takes an UPLOAD_ID or --repo NAME (one of them)")
     if args.digest is not None and args.repo is None:
         raise UsageError("--digest goes with --repo")
+    if args.tag is not None:
+        return await _tag_history(args)
     settings = Settings.from_env()
     if args.upload_id is not None:
         found = await history.upload_history(settings, args.upload_id)
@@ -144,6 +146,26 @@ async def history(args: argparse.Namespace) -> int:
         history.write_json(histories, sys.stdout)
     else:
         history.write_table(histories, sys.stdout)
+    return EXIT_OK
+
+
+async def _tag_history(args: argparse.Namespace) -> int:
+    from services.audit import taghistory
+
+    if args.repo is None or args.digest is not None:
+        raise UsageError("--tag goes with --repo (and not with --digest)")
+    settings = Settings.from_env()
+    changes = await taghistory.tag_history(settings, args.repo, args.tag)
+    if not changes:
+        print(
+            f"layerlog: no moves of {args.repo}:{args.tag} in {settings.events_topic}",
+            file=sys.stderr,
+        )
+        return EXIT_NO
+    if args.json:
+        taghistory.write_json(args.repo, changes, sys.stdout)
+    else:
+        taghistory.write_table(args.repo, args.tag, changes, sys.stdout)
     return EXIT_OK
 
 
@@ -165,6 +187,8 @@ async def replay(args: argparse.Namespace) -> int:
                     "events": result.events,
                     "layers": result.layers,
                     "uploads": result.uploads,
+                    "manifests": result.manifests,
+                    "tags": result.tags,
                     "seconds": round(seconds, 3),
                 }
             )
@@ -173,7 +197,8 @@ async def replay(args: argparse.Namespace) -> int:
         cut = " ".join(f"{p}:{o}" for p, o in sorted(result.cut.items()))
         print(
             f"replayed {result.events} events {until.describe()} into {result.out} "
-            f"in {seconds:.1f}s: {result.layers} layers, {result.uploads} uploads\n"
+            f"in {seconds:.1f}s: {result.layers} layers, {result.uploads} uploads, "
+            f"{result.manifests} manifests, {result.tags} tags\n"
             f"cut (partition:next offset): {cut}\n"
             f"serve it: layerlog query --index {result.out} --read-only"
         )

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--digest", metavar="D", help="with --repo: only the uploads finished with digest D"
     )
     history.add_argument(
+        "--tag",
+        metavar="T",
+        help="with --repo: every digest tag T pointed to, when, and the command that moved it "
+        "(reads only the repository's partition)",
+    )
+    history.add_argument(
         "--json", action="store_true", help="JSON lines, one per event, every field"
     )
     history.set_defaults(handler=client_command(commands.history))

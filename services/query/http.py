@@ -1,4 +1,5 @@
-"""The query service's HTTP API: Exists and Fetch of layers, upload state, health and metrics.
+"""The query service's HTTP API: Exists and Fetch of layers, upload state, health and metrics,
+and the OCI read routes (services.query.oci).
 
 Every error is JSON: {"error": CODE, "message": "..."}; no input yields a 500. Every response
 carries X-Request-Id; an unexpected failure is logged once under that id, with its traceback, and
@@ -26,6 +27,7 @@ from services.core.objectstore import ObjectNotFound, ObjectStore, is_transient
 from services.digests.digest import DigestError, TarSumVersionUnsupported, parse_digest
 from services.query.barrier import Behind, ReadBarrier
 from services.query.index import Index, LayerRow, UploadRow, UploadStates
+from services.query.oci import OciReadApi
 from services.query.projection import Projection
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,11 @@ class Unsatisfiable(ValueError):
 
 
 def error(status: int, code: str, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+    # "errors" is the OCI distribution spec's form, which registry clients read; "error" and
+    # "message" are the SDK's.
+    oci = {"code": code, "message": message, "detail": {}}
+    body = {"error": code, "message": message, "errors": [oci]}
+    return web.json_response(body, status=status, headers=headers)
 
 
 def internal_error(request_id: str) -> web.Response:
@@ -132,6 +138,7 @@ class QueryApi:
         blobs = app.router.add_resource("/v2/{name:.+}/blobs/{digest}", name="blob")
         blobs.add_route("HEAD", self.blob)
         blobs.add_route("GET", self.blob)
+        OciReadApi(self.index).add_routes(app)
         app.router.add_get("/uploads/{uuid}", self.upload, name="upload")
         app.router.add_get("/uploads/{uuid}/verdict", self.verdict, name="verdict")
         app.router.add_get("/healthz", self.health, name="healthz")
@@ -218,7 +225,7 @@ class QueryApi:
         # A primary-key lookup in SQLite (WAL: readers never wait for the projection's writes)
         # takes ~20 µs, an eighth of handing it to a thread and back, and without a thread pool
         # (6 threads by default) 64 concurrent HEADs do not queue behind one another.
-        layer = self.index.layer(name, digest)
+        layer = self.index.blob(name, digest)
         if layer is None:
             return error(404, "BLOB_UNKNOWN", f"no layer {digest} in {name}")
         headers = _layer_headers(layer)

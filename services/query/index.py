@@ -1,4 +1,5 @@
-"""The index: layers and uploads projected from the events, in embedded SQLite.
+"""The index: layers, uploads, manifests, tags and blob links projected from the events, in
+embedded SQLite.
 
 apply() writes a batch of events and the offsets after them in one transaction, so after a crash
 the projection resumes exactly where its last committed batch ended: no event applied twice, none
@@ -7,24 +8,35 @@ skipped. All calls block; the service runs them in threads.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from services.core.records import (
+    BlobMounted,
+    BlobUnlinked,
     ChunkAppended,
     CommandRejected,
     Event,
     LayerCommitted,
     LayerValidationFailed,
+    ManifestDeleted,
+    ManifestStored,
+    RepositoryCommandRejected,
+    RepositoryEvent,
+    TagDeleted,
+    TagMoved,
     UploadCancelled,
     UploadExpired,
     UploadFinished,
     UploadStarted,
 )
+from services.oci.manifest import ManifestInvalid, parse_manifest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
@@ -57,6 +69,59 @@ CREATE TABLE IF NOT EXISTS rejections (
     detail          TEXT NOT NULL,
     expected_offset INTEGER
 ) WITHOUT ROWID;
+-- Manifests keep their exact bytes: the index alone serves them, a replayed index included.
+-- A rowid table, as WITHOUT ROWID suits small rows and a body may be megabytes.
+CREATE TABLE IF NOT EXISTS manifests (
+    repository    TEXT NOT NULL,
+    digest        TEXT NOT NULL,
+    media_type    TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    body          BLOB NOT NULL,
+    object_key    TEXT NOT NULL,
+    subject       TEXT,
+    artifact_type TEXT,
+    annotations   TEXT,
+    stored_at     INTEGER NOT NULL,
+    PRIMARY KEY (repository, digest)
+);
+-- The referrers API: the manifests of a repository whose subject is a digest.
+CREATE INDEX IF NOT EXISTS manifests_by_subject ON manifests (repository, subject)
+    WHERE subject IS NOT NULL;
+CREATE TABLE IF NOT EXISTS tags (
+    repository TEXT NOT NULL,
+    tag        TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    moved_at   INTEGER NOT NULL,
+    PRIMARY KEY (repository, tag)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repository, digest);
+-- Whether a blob is in a repository. Mounts and unlinks are keyed by repository (one partition,
+-- applied in order); LayerCommitted is keyed by upload id, another partition, which a replay may
+-- read before or after them. So a commit counts by time (pushed_at, the latest commit, against
+-- unlinked_at, the latest unlink) rather than by the order the projection saw them in: live and
+-- replayed indexes agree.
+CREATE TABLE IF NOT EXISTS blob_links (
+    repository  TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    mounted     INTEGER NOT NULL DEFAULT 0,
+    size        INTEGER,
+    object_key  TEXT,
+    mounted_at  INTEGER,
+    pushed_at   INTEGER,
+    unlinked_at INTEGER,
+    PRIMARY KEY (repository, digest)
+) WITHOUT ROWID;
+-- What each repository command did, for the registry's write side to wait on; in log order.
+CREATE TABLE IF NOT EXISTS outcomes (
+    command_id   TEXT NOT NULL,
+    event_id     TEXT NOT NULL,
+    repository   TEXT NOT NULL,
+    kind         TEXT NOT NULL,
+    command_type TEXT,
+    reason       TEXT,
+    detail       TEXT,
+    UNIQUE (command_id, event_id)
+);
 CREATE TABLE IF NOT EXISTS offsets (
     topic       TEXT NOT NULL,
     partition   INTEGER NOT NULL,
@@ -64,6 +129,10 @@ CREATE TABLE IF NOT EXISTS offsets (
     PRIMARY KEY (topic, partition)
 ) WITHOUT ROWID;
 """
+
+
+# A blob_links row that says the blob is in its repository.
+_LINKED = "(mounted = 1 OR (pushed_at IS NOT NULL AND coalesce(unlinked_at, -1) < pushed_at))"
 
 
 class UploadStates:
@@ -108,6 +177,53 @@ class RejectionRow:
     reason: str
     detail: str
     expected_offset: int | None
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    repository: str
+    digest: str
+    media_type: str
+    size: int
+    body: bytes
+    object_key: str
+    subject: str | None
+    artifact_type: str | None
+    annotations: dict[str, str]
+    stored_at_ms: int
+
+
+@dataclass(frozen=True)
+class ReferrerRow:
+    """A referrer as the referrers API describes it: a descriptor of the manifest."""
+
+    media_type: str
+    digest: str
+    size: int
+    artifact_type: str | None
+    annotations: dict[str, str]
+
+
+class Outcomes:
+    APPLIED = "applied"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    """What a repository command did: the events it produced (in log order), or its refusal."""
+
+    command_id: str
+    repository: str
+    state: str  # Outcomes.APPLIED or Outcomes.REJECTED
+    kinds: tuple[str, ...]  # event type names, e.g. ("ManifestStored", "TagMoved")
+    command_type: str | None = None  # of a rejected command
+    reason: str | None = None  # a RepositoryRejectReason
+    detail: str | None = None
+
+    @property
+    def applied(self) -> bool:
+        return self.state == Outcomes.APPLIED
 
 
 def _ms(moment: datetime) -> int:
@@ -188,10 +304,136 @@ class Index:
             "uploads": db.execute("SELECT count(*) FROM uploads").fetchone()[0],
         }
 
+    def blob(self, repository: str, digest: str) -> LayerRow | None:
+        """The blob as its repository has it: pushed (and not unlinked since), or mounted."""
+        db = self._connection()
+        link = db.execute(
+            f"SELECT size, object_key, mounted_at, {_LINKED} FROM blob_links "
+            "WHERE repository = ? AND digest = ?",
+            (repository, digest),
+        ).fetchone()
+        if link is None:
+            return self.layer(repository, digest)  # an index from before blob links existed
+        size, object_key, mounted_at, linked = link
+        if not linked:
+            return None
+        # Pushed or mounted, the same bytes: a push's row has the time they were created.
+        layer = self.layer(repository, digest)
+        if layer is not None:
+            return layer
+        return LayerRow(repository, digest, size, object_key, mounted_at)
+
+    def manifest(self, repository: str, digest: str) -> ManifestRow | None:
+        row = (
+            self._connection()
+            .execute(
+                "SELECT repository, digest, media_type, size, body, object_key, subject, "
+                "artifact_type, annotations, stored_at FROM manifests "
+                "WHERE repository = ? AND digest = ?",
+                (repository, digest),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        *head, annotations, stored_at = row
+        return ManifestRow(*head, json.loads(annotations or "{}"), stored_at)
+
+    def tag(self, repository: str, tag: str) -> str | None:
+        """The digest the tag points to."""
+        row = (
+            self._connection()
+            .execute("SELECT digest FROM tags WHERE repository = ? AND tag = ?", (repository, tag))
+            .fetchone()
+        )
+        return row[0] if row else None
+
+    def tags(self, repository: str, *, last: str | None = None, limit: int = 1000) -> list[str]:
+        """The repository's tags after `last`, in lexical (byte) order."""
+        rows = self._connection().execute(
+            "SELECT tag FROM tags WHERE repository = ? AND tag > ? ORDER BY tag LIMIT ?",
+            (repository, last or "", limit),
+        )
+        return [tag for (tag,) in rows]
+
+    def repositories(self, *, last: str | None = None, limit: int = 1000) -> list[str]:
+        """Repositories with a manifest, a tag or a linked blob, after `last`, in lexical order."""
+        rows = self._connection().execute(
+            "SELECT repository FROM ("
+            "SELECT repository FROM manifests UNION SELECT repository FROM tags "
+            f"UNION SELECT repository FROM blob_links WHERE {_LINKED} "
+            "UNION SELECT l.repository FROM layers l WHERE NOT EXISTS (SELECT 1 FROM blob_links "
+            "b WHERE b.repository = l.repository AND b.digest = l.digest)"
+            ") WHERE repository > ? ORDER BY repository LIMIT ?",
+            (last or "", limit),
+        )
+        return [name for (name,) in rows]
+
+    def repository_exists(self, repository: str) -> bool:
+        db = self._connection()
+        for query in (
+            "SELECT 1 FROM manifests WHERE repository = ? LIMIT 1",
+            "SELECT 1 FROM tags WHERE repository = ? LIMIT 1",
+            f"SELECT 1 FROM blob_links WHERE repository = ? AND {_LINKED} LIMIT 1",
+            "SELECT 1 FROM layers l WHERE repository = ? AND NOT EXISTS (SELECT 1 FROM "
+            "blob_links b WHERE b.repository = l.repository AND b.digest = l.digest) LIMIT 1",
+        ):
+            if db.execute(query, (repository,)).fetchone():
+                return True
+        return False
+
+    def referrers(
+        self, repository: str, subject: str, *, artifact_type: str | None = None
+    ) -> list[ReferrerRow]:
+        """The repository's manifests whose subject is `subject`, by digest."""
+        query = (
+            "SELECT media_type, digest, size, artifact_type, annotations FROM manifests "
+            "WHERE repository = ? AND subject = ?"
+        )
+        parameters: tuple[str, ...] = (repository, subject)
+        if artifact_type is not None:
+            query += " AND artifact_type = ?"
+            parameters += (artifact_type,)
+        rows = self._connection().execute(query + " ORDER BY digest", parameters)
+        return [
+            ReferrerRow(media_type, digest, size, kind, json.loads(annotations or "{}"))
+            for media_type, digest, size, kind, annotations in rows
+        ]
+
+    def outcome(self, command_id: str) -> CommandOutcome | None:
+        """What the repository command did, once the projection has applied its events."""
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT repository, kind, command_type, reason, detail FROM outcomes "
+                "WHERE command_id = ? ORDER BY rowid",
+                (command_id,),
+            )
+            .fetchall()
+        )
+        if not rows:
+            return None
+        rejected = next((r for r in rows if r[1] == RepositoryCommandRejected.__name__), None)
+        if rejected is not None:
+            repository, _, command_type, reason, detail = rejected
+            return CommandOutcome(
+                command_id,
+                repository,
+                Outcomes.REJECTED,
+                (rejected[1],),
+                command_type=command_type,
+                reason=reason,
+                detail=detail,
+            )
+        return CommandOutcome(command_id, rows[0][0], Outcomes.APPLIED, tuple(r[1] for r in rows))
+
     # Writes
 
     def apply(
-        self, topic: str, events: Iterable[Event | None], next_offsets: dict[int, int]
+        self,
+        topic: str,
+        events: Iterable[Event | RepositoryEvent | None],
+        next_offsets: dict[int, int],
     ) -> None:
         """Applies events in order and stores, per partition, the offset to read next.
 
@@ -207,6 +449,9 @@ class Index:
             chunks: dict[str, tuple[int, int]] = {}
             for event in events:
                 if event is None:
+                    continue
+                if isinstance(event, RepositoryEvent):
+                    self._apply_repository(db, event)
                     continue
                 if isinstance(event, ChunkAppended):
                     seen = chunks.get(event.upload_id)
@@ -264,6 +509,12 @@ class Index:
                     event.upload_id,
                 ),
             )
+            db.execute(
+                "INSERT INTO blob_links (repository, digest, pushed_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (repository, digest) DO UPDATE SET "
+                "pushed_at = max(coalesce(pushed_at, 0), excluded.pushed_at)",
+                (event.repository, event.digest, _ms(event.committed_at)),
+            )
             self._set_state(db, event, UploadStates.COMMITTED, digest=event.digest, size=event.size)
         elif isinstance(event, LayerValidationFailed):
             self._set_state(
@@ -294,6 +545,45 @@ class Index:
                 ),
             )
 
+    def _apply_repository(self, db: sqlite3.Connection, event: RepositoryEvent) -> None:
+        at = _ms(event.occurred_at)
+        if event.caused_by:
+            rejected = isinstance(event, RepositoryCommandRejected)
+            db.execute(
+                "INSERT OR IGNORE INTO outcomes (command_id, event_id, repository, kind, "
+                "command_type, reason, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.caused_by,
+                    event.event_id,
+                    event.repository,
+                    type(event).__name__,
+                    event.command_type if rejected else None,
+                    event.reason if rejected else None,
+                    event.detail if rejected else None,
+                ),
+            )
+        if isinstance(event, ManifestStored):
+            subject, artifact_type, annotations = _referrer_fields(event)
+            db.execute(
+                "INSERT OR REPLACE INTO manifests (repository, digest, media_type, size, body, "
+                "object_key, subject, artifact_type, annotations, stored_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.repository,
+                    event.digest,
+                    event.media_type,
+                    event.size,
+                    event.body,
+                    event.object_key,
+                    subject,
+                    artifact_type,
+                    annotations,
+                    at,
+                ),
+            )
+        for statement, parameters in _REPOSITORY_STATEMENTS.get(type(event), ()):
+            db.execute(statement, parameters(event, at))
+
     def _set_state(
         self, db: sqlite3.Connection, event: Event, state: str, **columns: object
     ) -> None:
@@ -302,6 +592,69 @@ class Index:
             f"UPDATE uploads SET state = ?, updated_at = ?{assignments} WHERE upload_id = ?",
             (state, _ms(event.occurred_at), *columns.values(), event.upload_id),
         )
+
+
+def _repository_digest(event: Any, _at: int) -> tuple[Any, ...]:
+    return (event.repository, event.digest)
+
+
+# The repository events other than ManifestStored, each as its statements and their parameters
+# (the event and its time in ms).
+_REPOSITORY_STATEMENTS: dict[
+    type, tuple[tuple[str, Callable[[Any, int], tuple[Any, ...]]], ...]
+] = {
+    TagMoved: (
+        (
+            "INSERT OR REPLACE INTO tags (repository, tag, digest, moved_at) VALUES (?, ?, ?, ?)",
+            lambda e, at: (e.repository, e.tag, e.digest, at),
+        ),
+    ),
+    TagDeleted: (
+        ("DELETE FROM tags WHERE repository = ? AND tag = ?", lambda e, _: (e.repository, e.tag)),
+    ),
+    # Its TagDeleted events came first; a tag left pointing at it would point at nothing.
+    ManifestDeleted: tuple(
+        (f"DELETE FROM {table} WHERE repository = ? AND digest = ?", _repository_digest)
+        for table in ("tags", "manifests")
+    ),
+    BlobMounted: (
+        (
+            "INSERT INTO blob_links (repository, digest, mounted, size, object_key, mounted_at) "
+            "VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (repository, digest) DO UPDATE SET "
+            "mounted = 1, size = excluded.size, object_key = excluded.object_key, "
+            "mounted_at = excluded.mounted_at",
+            lambda e, at: (e.repository, e.digest, e.size, e.object_key, at),
+        ),
+    ),
+    BlobUnlinked: (
+        (
+            "INSERT INTO blob_links (repository, digest, mounted, unlinked_at) VALUES (?, ?, 0, ?) "
+            "ON CONFLICT (repository, digest) DO UPDATE SET mounted = 0, "
+            "unlinked_at = max(coalesce(unlinked_at, 0), excluded.unlinked_at)",
+            lambda e, at: (e.repository, e.digest, at),
+        ),
+    ),
+}
+
+
+def _referrer_fields(event: ManifestStored) -> tuple[str | None, str | None, str | None]:
+    """Subject, artifact type and annotations (JSON) as the referrers API reports them.
+
+    The worker validated the body before storing it; a body that does not parse here still
+    gets served, just without annotations (the event's own subject and artifact type stand).
+    """
+    subject, artifact_type, annotations = event.subject, event.artifact_type, None
+    try:
+        parsed = parse_manifest(event.body, event.media_type)
+    except ManifestInvalid:
+        return subject, artifact_type, annotations
+    if subject is None and parsed.subject is not None:
+        subject = parsed.subject.digest
+    if artifact_type is None:
+        artifact_type = parsed.artifact_type
+    if parsed.annotations:
+        annotations = json.dumps(parsed.annotations, sort_keys=True, separators=(",", ":"))
+    return subject, artifact_type, annotations
 
 
 def check_index(path: str) -> str | None:

@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError
 from services.core import kafka, metrics
 from services.core.codec import CODEC, DecodeError
 from services.core.processor import start_with_retry
-from services.core.records import Event
+from services.core.records import Event, RepositoryEvent
 from services.core.settings import Settings
 from services.query.index import Index
 
@@ -97,7 +97,7 @@ class Projection:
 
     async def _apply(
         self,
-        rows: list[Event | None],
+        rows: list[Event | RepositoryEvent | None],
         positions: dict[int, int],
         newest: int,
         consumer: AIOKafkaConsumer,
@@ -205,10 +205,12 @@ class Projection:
             for partition, end in self.end_offsets.items()
         )
 
-    def _decode(self, record: ConsumerRecord[bytes, bytes]) -> Event | None:
+    def _decode(self, record: ConsumerRecord[bytes, bytes]) -> Event | RepositoryEvent | None:
         try:
             event = CODEC.decode(record.value or b"")
         except DecodeError as error:
+            # A record type this version does not know (a newer writer's) is skipped, not a
+            # reason to stop: the offsets still move past it, and the rest of the log applies.
             log.error(
                 "skipping undecodable event %s[%d]@%d: %s",
                 record.topic,
@@ -217,7 +219,16 @@ class Projection:
                 error,
             )
             return None
-        return event if isinstance(event, Event) else None
+        if isinstance(event, Event | RepositoryEvent):
+            return event
+        log.error(
+            "skipping %s at %s[%d]@%d: not an event",
+            type(event).__name__,
+            record.topic,
+            record.partition,
+            record.offset,
+        )
+        return None
 
     async def _in_writer(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.writer, function, *args)

@@ -1,0 +1,248 @@
+"""The OCI distribution spec's read routes, answered from the index.
+
+GET /v2/, manifests by tag or digest (HEAD and GET), tags/list, _catalog and referrers. They
+live apart from the query service's own routes so the registry's app mounts the same ones:
+`OciReadApi(index).add_routes(app)`, which returns the resources so that a writer can add its
+PUT and DELETE methods to the very same paths.
+
+Every error is the spec's body, {"errors": [{"code", "message", "detail"}]}; no input is a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from services.core.names import InvalidName, check_repository
+from services.oci.manifest import OCI_INDEX
+from services.oci.references import InvalidReference, check_tag, is_digest, parse_oci_digest
+from services.query.index import Index, ManifestRow, ReferrerRow
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+# The most a page of tags or repositories holds, whatever ?n= asks: a client asking for a
+# billion gets this many and a Link to the rest.
+MAX_PAGE = 10_000
+# Past this many digits ?n= is beyond any page, and int() of a huge string is slow.
+_MAX_N_DIGITS = 9
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Codes:
+    """The spec's error codes (and the pagination code distribution uses for a bad ?n=)."""
+
+    DIGEST_INVALID = "DIGEST_INVALID"
+    MANIFEST_INVALID = "MANIFEST_INVALID"
+    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
+    NAME_INVALID = "NAME_INVALID"
+    NAME_UNKNOWN = "NAME_UNKNOWN"
+    UNSUPPORTED = "UNSUPPORTED"
+    PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"
+
+
+def oci_error(
+    status: int, code: str, message: str, detail: object = None, *, sdk_fields: bool = False
+) -> web.Response:
+    body: dict[str, object] = {
+        "errors": [{"code": code, "message": message, "detail": detail or {}}]
+    }
+    if sdk_fields:  # the query service's own {"error", "message"}, which its SDK reads
+        body.update(error=code, message=message)
+    return web.json_response(body, status=status, headers=API_VERSION)
+
+
+class BadRequest(Exception):
+    """Input refused with an OCI error; handlers raise it from their checks."""
+
+    def __init__(self, status: int, code: str, message: str, detail: object = None) -> None:
+        super().__init__(message)
+        self.response = oci_error(status, code, message, detail)
+
+
+@web.middleware
+async def oci_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On /v2/ paths: the API version header, and the spec's body for aiohttp's own refusals
+    (no such route, method not allowed)."""
+    if not request.path.startswith("/v2"):
+        return await handler(request)
+    try:
+        response = await handler(request)
+    except BadRequest as bad:
+        return bad.response
+    except web.HTTPException as refusal:
+        if refusal.status < 400:
+            raise
+        # No route or no such method here: what the spec calls an unsupported operation.
+        return oci_error(
+            refusal.status,
+            Codes.UNSUPPORTED,
+            f"{request.method} {request.path[:200]}: {refusal.reason}",
+            sdk_fields=True,  # the blob routes share this path space with the SDK
+        )
+    for name, value in API_VERSION.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+class OciReadApi:
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def add_routes(self, app: web.Application) -> dict[str, web.Resource]:
+        """Adds the read routes (and the middleware) to app; returns the resources by name."""
+        app.middlewares.append(oci_middleware)
+        router = app.router
+        resources = {
+            "v2": router.add_resource("/v2/", name="v2"),
+            "catalog": router.add_resource("/v2/_catalog", name="catalog"),
+            # Repository names contain '/', so the name is everything up to the last segment.
+            "manifest": router.add_resource("/v2/{name:.+}/manifests/{reference}", name="manifest"),
+            "tags": router.add_resource("/v2/{name:.+}/tags/list", name="tags"),
+            "referrers": router.add_resource("/v2/{name:.+}/referrers/{digest}", name="referrers"),
+        }
+        resources["v2"].add_route("GET", self.base)
+        resources["v2"].add_route("HEAD", self.base)
+        resources["catalog"].add_route("GET", self.catalog)
+        resources["manifest"].add_route("HEAD", self.manifest)
+        resources["manifest"].add_route("GET", self.manifest)
+        resources["tags"].add_route("GET", self.tags)
+        resources["referrers"].add_route("GET", self.referrers)
+        return resources
+
+    async def base(self, request: web.Request) -> web.Response:
+        return web.json_response({}, headers=API_VERSION)
+
+    async def manifest(self, request: web.Request) -> web.Response:
+        name = _repository(request)
+        reference = request.match_info["reference"]
+        if is_digest(reference):
+            _digest(reference)
+            row = await asyncio.to_thread(self.index.manifest, name, reference)
+        else:
+            try:
+                check_tag(reference)
+            except InvalidReference as bad:
+                detail = {"tag": reference[:150]}
+                raise BadRequest(400, Codes.MANIFEST_INVALID, str(bad), detail) from None
+            row = await asyncio.to_thread(self._tagged, name, reference)
+        if row is None:
+            return oci_error(
+                404,
+                Codes.MANIFEST_UNKNOWN,
+                f"no manifest {reference} in {name}",
+                {"name": name, "reference": reference},
+            )
+        headers = {
+            **API_VERSION,
+            "Content-Type": row.media_type,
+            "Docker-Content-Digest": row.digest,
+            "ETag": f'"{row.digest}"',
+        }
+        if request.method == "HEAD":
+            return web.Response(headers={**headers, "Content-Length": str(row.size)})
+        return web.Response(body=row.body, headers=headers)
+
+    def _tagged(self, name: str, tag: str) -> ManifestRow | None:
+        digest = self.index.tag(name, tag)
+        return None if digest is None else self.index.manifest(name, digest)
+
+    async def tags(self, request: web.Request) -> web.Response:
+        name = _repository(request)
+        limit, last = _page(request)
+        tags, known = await asyncio.to_thread(self._tags_page, name, last, limit)
+        if not known:
+            return oci_error(404, Codes.NAME_UNKNOWN, f"no repository {name}", {"name": name})
+        headers = dict(API_VERSION)
+        if len(tags) > limit:
+            tags = tags[:limit]
+            headers["Link"] = _next_link(f"/v2/{name}/tags/list", limit, tags[-1])
+        return web.json_response({"name": name, "tags": tags}, headers=headers)
+
+    def _tags_page(self, name: str, last: str | None, limit: int) -> tuple[list[str], bool]:
+        # One more than the page, to know whether a Link to the next one is due.
+        tags = self.index.tags(name, last=last, limit=limit + 1) if limit else []
+        return tags, bool(tags) or self.index.repository_exists(name)
+
+    async def catalog(self, request: web.Request) -> web.Response:
+        limit, last = _page(request)
+        names = (
+            await asyncio.to_thread(self.index.repositories, last=last, limit=limit + 1)
+            if limit
+            else []
+        )
+        headers = dict(API_VERSION)
+        if len(names) > limit:
+            names = names[:limit]
+            headers["Link"] = _next_link("/v2/_catalog", limit, names[-1])
+        return web.json_response({"repositories": names}, headers=headers)
+
+    async def referrers(self, request: web.Request) -> web.Response:
+        name = _repository(request)
+        subject = request.match_info["digest"]
+        _digest(subject)
+        artifact_type = request.query.get("artifactType")
+        found = await asyncio.to_thread(
+            self.index.referrers, name, subject, artifact_type=artifact_type
+        )
+        headers = {**API_VERSION, "Content-Type": OCI_INDEX}
+        if artifact_type is not None:
+            headers["OCI-Filters-Applied"] = "artifactType"
+        body = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [_descriptor(row) for row in found],
+        }
+        return web.Response(body=json.dumps(body, separators=(",", ":")), headers=headers)
+
+
+def _repository(request: web.Request) -> str:
+    name = request.match_info["name"]
+    try:
+        return check_repository(name)
+    except InvalidName as bad:
+        raise BadRequest(400, Codes.NAME_INVALID, str(bad), {"name": name[:300]}) from None
+
+
+def _digest(text: str) -> None:
+    try:
+        parse_oci_digest(text)
+    except InvalidReference as bad:  # UnsupportedDigest too: the registry offers no such hash
+        raise BadRequest(400, Codes.DIGEST_INVALID, str(bad), {"digest": text[:150]}) from None
+
+
+def _page(request: web.Request) -> tuple[int, str | None]:
+    """The page size (?n=, capped at MAX_PAGE) and the name to start after (?last=)."""
+    text = request.query.get("n")
+    limit = MAX_PAGE
+    if text is not None:
+        if not (text.isascii() and text.isdigit()):
+            raise BadRequest(
+                400,
+                Codes.PAGINATION_NUMBER_INVALID,
+                f"n must be a non-negative integer, got {text[:40]!r}",
+                {"n": text[:40]},
+            )
+        limit = MAX_PAGE if len(text) > _MAX_N_DIGITS else min(int(text), MAX_PAGE)
+    return limit, request.query.get("last")
+
+
+def _next_link(path: str, limit: int, last: str) -> str:
+    return f'<{quote(path)}?n={limit}&last={quote(last, safe="")}>; rel="next"'
+
+
+def _descriptor(row: ReferrerRow) -> dict[str, Any]:
+    descriptor: dict[str, Any] = {
+        "mediaType": row.media_type,
+        "digest": row.digest,
+        "size": row.size,
+    }
+    if row.artifact_type is not None:
+        descriptor["artifactType"] = row.artifact_type
+    if row.annotations:
+        descriptor["annotations"] = row.annotations
+    return descriptor
