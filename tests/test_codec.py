@@ -6,8 +6,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from fastavro import parse_schema
+from fastavro.schema import to_parsing_canonical_form
 
-from services.core.codec import CODEC, SCHEMA_DIR, Codec, DecodeError
+from services.core.codec import CODEC, MAGIC, SCHEMA_DIR, Codec, DecodeError, _Schema
 from services.core.records import (
     COMMAND_TYPES,
     RECORD_TYPES,
@@ -59,6 +61,128 @@ def test_single_object_header_carries_the_schema_fingerprint():
     data = CODEC.encode(FinishUpload(upload_id=UPLOAD, repository="a", size=1, digest="d"))
     assert data[:2] == b"\xc3\x01"
     assert CODEC.by_fingerprint[data[2:10]].name == "FinishUpload"
+
+
+# CRC-64-AVRO as the Avro specification gives it ("Schema Fingerprints"), independent of fastavro.
+_EMPTY = 0xC15D213AA4D7A795
+_TABLE = []
+for _byte in range(256):
+    _fp = _byte
+    for _ in range(8):
+        _fp = (_fp >> 1) ^ (_EMPTY & -(_fp & 1))
+    _TABLE.append(_fp)
+
+
+def crc64_avro(data: bytes) -> int:
+    fp = _EMPTY
+    for byte in data:
+        fp = (fp >> 8) ^ _TABLE[(fp ^ byte) & 0xFF]
+    return fp
+
+
+def canonical(definition: object) -> bytes:
+    return to_parsing_canonical_form(parse_schema(definition)).encode()
+
+
+def spec_header(definition: object) -> bytes:
+    """The spec's single-object header: C3 01, then the fingerprint as 8 bytes little-endian."""
+    return b"\xc3\x01" + crc64_avro(canonical(definition)).to_bytes(8, "little")
+
+
+def old_header(definition: object) -> bytes:
+    """What Layerlog wrote before it followed the spec: the fingerprint byte-reversed."""
+    return b"\xc3\x01" + crc64_avro(canonical(definition)).to_bytes(8, "big")
+
+
+def definition(name: str, version: int) -> dict:
+    return json.loads((SCHEMA_DIR / f"{name}.v{version}.avsc").read_text())
+
+
+def test_the_header_of_the_null_schema_is_the_spec_s():
+    # The spec's example value: the CRC-64-AVRO fingerprint of "null" is 0x63dd24e7cc258f8a.
+    assert crc64_avro(b'"null"') == 0x63DD24E7CC258F8A
+    assert spec_header("null") == bytes.fromhex("c3018a8f25cce724dd63")
+    assert MAGIC + _Schema("null", 1, "null").fingerprint == bytes.fromhex("c3018a8f25cce724dd63")
+
+
+def test_every_record_type_is_written_with_the_spec_header():
+    assert {name for name, _ in CODEC.versions()} == set(RECORD_TYPES)
+    for name, version in CODEC.versions():
+        data = CODEC.encode(sample(name), version=version)
+        assert data[:10].hex() == spec_header(definition(name, version)).hex(), (name, version)
+
+
+def test_records_with_the_old_reversed_header_still_decode_and_are_never_written():
+    # The events topic is kept forever, so what Layerlog wrote before the fix must stay readable.
+    for name, version in CODEC.versions():
+        record = sample(name)
+        body = CODEC.encode(record, version=version)[10:]
+        spec = spec_header(definition(name, version)) + body
+        old = old_header(definition(name, version)) + body
+        assert CODEC.read(old) == CODEC.read(spec), (name, version)
+        assert CODEC.decode(old) == CODEC.decode(spec), (name, version)
+        if version == CODEC.newest[name].version:
+            assert CODEC.decode(old) == round_tripped(record)
+        assert CODEC.encode(CODEC.decode(old), version=version) == spec, (name, version)
+
+
+def forge_field_name(definition: dict, target: int) -> str:
+    """A field name that, added to `definition`, makes its CRC-64-AVRO fingerprint `target`.
+
+    CRC-64 is affine over GF(2) for messages of one length, so flipping the case of letters in
+    a long name moves the fingerprint by a sum of fixed vectors: solve for the flips needed.
+    """
+    letters = 80
+    name = "x" + "A" * letters
+    trial = json.loads(json.dumps(definition))
+    trial["fields"].append({"name": name, "type": "null"})
+    text = canonical(trial)
+    start = text.index(name.encode()) + 1
+    base = crc64_avro(text)
+    basis: list[tuple[int, int]] = []  # (fingerprint difference, letters flipped), reduced
+    for i in range(letters):
+        flipped = bytearray(text)
+        flipped[start + i] ^= 0x20
+        vector, mask = crc64_avro(bytes(flipped)) ^ base, 1 << i
+        for b_vector, b_mask in basis:
+            if vector ^ b_vector < vector:
+                vector, mask = vector ^ b_vector, mask ^ b_mask
+        if vector:
+            basis.append((vector, mask))
+            basis.sort(reverse=True)
+    want, flips = target ^ base, 0
+    for b_vector, b_mask in basis:
+        if want ^ b_vector < want:
+            want, flips = want ^ b_vector, flips ^ b_mask
+    assert want == 0, "the flips do not span every fingerprint; use more letters"
+    return "x" + "".join("a" if flips >> i & 1 else "A" for i in range(letters))
+
+
+def test_a_schema_whose_fingerprint_is_another_s_reversed_one_is_refused(tmp_path: Path):
+    # A new schema version whose real fingerprint equals an old schema's byte-reversed one would
+    # make an old record's header ambiguous; the codec refuses to be built with it.
+    for path in SCHEMA_DIR.glob("*.avsc"):
+        (tmp_path / path.name).write_text(path.read_text())
+    victim = crc64_avro(canonical(definition("StartUpload", 1)))
+    reversed_victim = int.from_bytes(victim.to_bytes(8, "little"), "big")
+    forged = definition("FinishUpload", 1)
+    forged["fields"].append({"name": forge_field_name(forged, reversed_victim), "type": "null"})
+    assert crc64_avro(canonical(forged)) == reversed_victim
+    (tmp_path / "FinishUpload.v2.avsc").write_text(json.dumps(forged))
+    with pytest.raises(
+        ValueError, match=r"FinishUpload\.v2 and StartUpload\.v1 have byte-reversed"
+    ):
+        Codec(tmp_path)
+
+
+def test_two_versions_with_one_canonical_form_are_refused(tmp_path: Path):
+    for path in SCHEMA_DIR.glob("*.avsc"):
+        (tmp_path / path.name).write_text(path.read_text())
+    same = definition("FinishUpload", 1)
+    same["doc"] = "Only the doc differs, and the canonical form drops docs."
+    (tmp_path / "FinishUpload.v2.avsc").write_text(json.dumps(same))
+    with pytest.raises(ValueError, match="same parsing canonical form"):
+        Codec(tmp_path)
 
 
 def test_schema_files_mirror_the_dataclasses():

@@ -3,6 +3,11 @@
 Each message is 0xC3 0x01, the 8-byte little-endian CRC-64-AVRO fingerprint of the writer's schema,
 then the Avro binary body. Every schema version ever published stays in schemas/, so a reader
 resolves an old record (found by its fingerprint) against the newest schema of its type.
+
+Layerlog once wrote the fingerprint byte-reversed (big-endian), which no other Avro reader finds.
+The events topic keeps those records forever, so the codec still reads that legacy header; it
+writes only the spec's. A legacy header that could also be read as another schema's real one is
+refused when the codec is built, so no record can be ambiguous.
 """
 
 from __future__ import annotations
@@ -41,12 +46,20 @@ class _Schema:
         self.version = version
         self.parsed = parse_schema(definition)
         canonical = to_parsing_canonical_form(self.parsed)
-        self.fingerprint = int(fingerprint(canonical, "CRC-64-AVRO"), 16).to_bytes(8, "little")
+        # fastavro's hex string is the fingerprint's 8 bytes already little-endian, in order.
+        self.fingerprint = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
+        # What Layerlog wrote before the fix: the same 8 bytes reversed.
+        self.legacy_fingerprint = self.fingerprint[::-1]
+
+    def __repr__(self) -> str:
+        return f"{self.name}.v{self.version}"
 
 
 class Codec:
     def __init__(self, schema_dir: Path = SCHEMA_DIR) -> None:
         self.by_fingerprint: dict[bytes, _Schema] = {}
+        # Headers written before the fix; read, never written.
+        self.by_legacy_fingerprint: dict[bytes, _Schema] = {}
         self.newest: dict[str, _Schema] = {}
         for path in sorted(schema_dir.glob("*.avsc")):
             match = _SCHEMA_FILE.match(path.name)
@@ -55,7 +68,14 @@ class Codec:
             schema = _Schema(match["name"], int(match["version"]), json.loads(path.read_text()))
             if schema.name not in RECORD_TYPES:
                 raise ValueError(f"{path}: no record type {schema.name} in services.core.records")
+            same = self.by_fingerprint.get(schema.fingerprint)
+            if same is not None:
+                raise ValueError(
+                    f"{path}: {schema} has the same parsing canonical form as {same}, so a "
+                    "record could not say which of the two wrote it"
+                )
             self.by_fingerprint[schema.fingerprint] = schema
+            self.by_legacy_fingerprint[schema.legacy_fingerprint] = schema
             current = self.newest.get(schema.name)
             if current is None or current.version < schema.version:
                 self.newest[schema.name] = schema
@@ -65,6 +85,18 @@ class Codec:
         missing = set(RECORD_TYPES) - set(self.newest)
         if missing:
             raise ValueError(f"no schema in {schema_dir} for {sorted(missing)}")
+        for legacy, schema in self.by_legacy_fingerprint.items():
+            other = self.by_fingerprint.get(legacy)
+            if other is not None and other is not schema:
+                # Symmetric: each one's fingerprint is the other's reversed.
+                first, second = sorted((schema, other), key=repr)
+                raise ValueError(
+                    f"{first} and {second} have byte-reversed fingerprints of each other "
+                    f"({first.fingerprint.hex()}, {second.fingerprint.hex()}); Layerlog wrote "
+                    "fingerprints reversed before it followed the spec, so a record with either "
+                    "header could be of both: change the schema not yet published (a field "
+                    "name will do) so its fingerprint differs"
+                )
 
     def encode(self, record: object, *, version: int | None = None) -> bytes:
         name = type(record).__name__
@@ -103,6 +135,8 @@ class Codec:
                 f"got {data[:HEADER_SIZE].hex() or 'nothing'}",
             )
         writer = self.by_fingerprint.get(data[2:HEADER_SIZE])
+        if writer is None:
+            writer = self.by_legacy_fingerprint.get(data[2:HEADER_SIZE])
         if writer is None:
             raise DecodeError(
                 DeadLetterReason.UNKNOWN_FINGERPRINT,
