@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.core.codec import CODEC
 from services.core.eventlog import LoggedRecord, partition_for
-from services.core.records import RepositoryCommand, RepositoryEvent
+from services.core.records import PutManifest, RepositoryCommand, RepositoryEvent
 from services.core.settings import Settings
 from services.oci.manifest import OCI_INDEX, OCI_MANIFEST
 
@@ -59,6 +59,18 @@ def index_manifest(children: Iterable[bytes]) -> bytes:
             ],
         }
     ).encode()
+
+
+def put(
+    repository: str, reference: str, body: bytes, media_type: str = OCI_MANIFEST
+) -> PutManifest:
+    return PutManifest(
+        repository=repository,
+        reference=reference,
+        digest=sha256(body),
+        media_type=media_type,
+        body=body,
+    )
 
 
 async def produce(

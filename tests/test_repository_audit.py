@@ -14,22 +14,12 @@ from aiokafka import AIOKafkaProducer
 from services.audit.verify import verify_log
 from services.client import LayerService
 from services.core.codec import CODEC, event_hash
-from services.core.records import DeleteTag, ManifestStored, MountBlob, PutManifest, TagMoved
+from services.core.records import DeleteTag, ManifestStored, MountBlob, TagMoved
 from services.oci.manifest import OCI_MANIFEST
 from tests.conftest import settings_env
-from tests.repository_log import RepositoryLog, image_manifest, produce, sha256
+from tests.repository_log import RepositoryLog, image_manifest, produce, put, sha256
 
 pytestmark = pytest.mark.usefixtures("stack_services")
-
-
-def put(repository: str, reference: str, body: bytes) -> PutManifest:
-    return PutManifest(
-        repository=repository,
-        reference=reference,
-        digest=sha256(body),
-        media_type=OCI_MANIFEST,
-        body=body,
-    )
 
 
 async def history(settings, repo: str, *, seed: str) -> RepositoryLog:

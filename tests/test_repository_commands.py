@@ -20,7 +20,6 @@ import uuid
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.structs import ConsumerRecord
 
 from services.audit.logread import LogReader
 from services.client import LayerService
@@ -53,8 +52,10 @@ from tests.repository_log import (
     image_manifest,
     index_manifest,
     produce,
+    put,
     sha256,
 )
+from tests.test_staging import apply, records
 
 pytestmark = pytest.mark.usefixtures("stack_services")
 
@@ -63,16 +64,6 @@ Reason = RepositoryRejectReason
 
 def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
-
-
-def put(repository: str, reference: str, body: bytes, media_type: str = OCI_MANIFEST):
-    return PutManifest(
-        repository=repository,
-        reference=reference,
-        digest=sha256(body),
-        media_type=media_type,
-        body=body,
-    )
 
 
 def kinds(events) -> list[str]:
@@ -402,33 +393,6 @@ async def _dead_letters(settings) -> list:
 
 
 # A batch applied again, driven the way the processor does it.
-
-
-def records(commands: list[RepositoryCommand], first_offset: int) -> list[ConsumerRecord]:
-    return [
-        ConsumerRecord(
-            topic="repositories.commands",
-            partition=0,
-            offset=first_offset + i,
-            timestamp=1_700_000_000_000 + i,
-            timestamp_type=0,
-            key=command.repository.encode(),
-            value=CODEC.encode(command),
-            checksum=None,
-            serialized_key_size=0,
-            serialized_value_size=0,
-            headers=(),
-        )
-        for i, command in enumerate(commands)
-    ]
-
-
-async def apply(handler: CommandHandler, batch: list[ConsumerRecord]) -> list[bytes]:
-    outputs = []
-    for record in batch:
-        outputs += await handler.handle(record)
-    await handler.settle(0)
-    return [output.value for output in outputs]
 
 
 async def test_a_batch_applied_again_publishes_the_same_events(settings, store):

@@ -1,10 +1,10 @@
 """Where shared things live in the bucket, and the formats more than one service reads.
 
-  blobs/<alg>/<hex>                  the digest's blob pointer: the object holding its first
-                                     committed copy (the verifier writes it, the worker mounts it)
-  manifests/<alg>/<hex>              a manifest's exact bytes, content addressed (shared by every
-                                     repository that stores it)
-  repository-state/<name>.json       a repository's tags, manifests and chain head (the worker's)
+- blobs/<alg>/<hex>: the digest's blob pointer, naming the object that holds its first
+  committed copy (the verifier writes it; the upload worker mounts blobs by it).
+- manifests/<alg>/<hex>: a manifest's exact bytes, content addressed, so one copy serves every
+  repository that stores it.
+- repository-state/<name>.json: a repository's tags, manifests and chain head (the worker's).
 """
 
 from __future__ import annotations
