@@ -16,7 +16,13 @@ from aiokafka.structs import ConsumerRecord
 
 from services.core.codec import CODEC
 from services.core.objectstore import ObjectStore
-from services.core.records import AppendChunk, Command, FinishUpload, StartUpload
+from services.core.records import (
+    AppendChunk,
+    Command,
+    FinishUpload,
+    RepositoryCommand,
+    StartUpload,
+)
 from services.upload_worker.handler import CommandHandler
 from services.upload_worker.staging import StagingArea, Status
 
@@ -48,7 +54,12 @@ class Upload:
         )
 
 
-def records(commands: list[Command], first_offset: int) -> list[ConsumerRecord]:
+def _key(command: Command | RepositoryCommand) -> bytes:
+    return (command.upload_id if isinstance(command, Command) else command.repository).encode()
+
+
+def records(commands: list[Command | RepositoryCommand], first_offset: int) -> list[ConsumerRecord]:
+    """Upload commands keyed by upload id, repository commands by repository."""
     return [
         ConsumerRecord(
             topic="staging.commands",
@@ -56,7 +67,7 @@ def records(commands: list[Command], first_offset: int) -> list[ConsumerRecord]:
             offset=first_offset + i,
             timestamp=0,
             timestamp_type=0,
-            key=command.upload_id.encode(),
+            key=_key(command),
             value=CODEC.encode(command),
             checksum=None,
             serialized_key_size=0,

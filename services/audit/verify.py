@@ -1,15 +1,19 @@
-"""Tamper evidence: every upload's events form a hash chain, and every commit names its bytes.
+"""Tamper evidence: every upload's and every repository's events form a hash chain, and every
+commit names its bytes.
 
 Each chained event carries prev_hash, the sha256 of the previous chained event's encoded bytes
-(null at UploadStarted). An event edited or injected out of band breaks the link after it (or
-its own); a blob changed in storage no longer has the digest its LayerCommitted recorded.
-CommandRejected events are outside the chains (they change nothing), and so are events written
-before schema v2 introduced prev_hash.
+(null at UploadStarted, and at a repository's first event). An event edited or injected out of
+band breaks the link after it (or its own); a blob changed in storage no longer has the digest
+its LayerCommitted (or BlobMounted) recorded, and a manifest's stored copy no longer equals the
+bytes its ManifestStored carries. CommandRejected and RepositoryCommandRejected events are
+outside the chains (they change nothing), and so are upload events written before schema v2
+introduced prev_hash.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -17,9 +21,19 @@ from services.core import kafka
 from services.core.codec import event_hash
 from services.core.eventlog import read_partition
 from services.core.objectstore import ObjectNotFound, ObjectStore
-from services.core.records import CommandRejected, Event, LayerCommitted, UploadStarted
+from services.core.records import (
+    BlobMounted,
+    CommandRejected,
+    Event,
+    LayerCommitted,
+    ManifestStored,
+    RepositoryCommandRejected,
+    RepositoryEvent,
+    UploadStarted,
+)
 from services.core.settings import Settings
 from services.digests.digest import DigestError, StreamingVerifier, parse_digest
+from services.oci.references import InvalidReference, parse_oci_digest
 
 CHAIN_SCHEMA_VERSION = 2
 
@@ -31,19 +45,24 @@ class Break:
     upload_id: str
     event: str
     problem: str
+    repository: str = ""  # set (and upload_id "") for a break in a repository's chain
 
     def __str__(self) -> str:
-        return (
-            f"{self.partition}:{self.offset} upload {self.upload_id} {self.event}: {self.problem}"
-        )
+        chain = f"repository {self.repository}" if self.repository else f"upload {self.upload_id}"
+        return f"{self.partition}:{self.offset} {chain} {self.event}: {self.problem}"
 
 
 @dataclass
 class Report:
     events: int = 0
     uploads: set[str] = field(default_factory=set)
+    repositories: set[str] = field(default_factory=set)
     blobs: int = 0
+    manifests: int = 0
     breaks: list[Break] = field(default_factory=list)
+
+
+Stored = LayerCommitted | BlobMounted
 
 
 async def verify_log(
@@ -51,10 +70,30 @@ async def verify_log(
 ) -> Report:
     report = Report()
     heads: dict[str, str] = {}
-    commits: list[tuple[int, int, LayerCommitted]] = []
+    repository_heads: dict[str, str] = {}
+    blobs: list[tuple[int, int, Stored]] = []
+    manifests: list[tuple[int, int, ManifestStored]] = []
     for partition in await _partitions(settings):
         async for logged in read_partition(settings, settings.events_topic, partition):
             event = logged.record
+            if isinstance(event, RepositoryEvent):
+                if repository is not None and event.repository != repository:
+                    continue
+                report.events += 1
+                report.repositories.add(event.repository)
+                if isinstance(event, RepositoryCommandRejected):
+                    continue
+                head = repository_heads.get(event.repository)
+                problem = _repository_link_problem(event, head) or _manifest_problem(event)
+                if problem:
+                    report.breaks.append(_break(partition, logged.offset, event, problem))
+                    continue
+                repository_heads[event.repository] = event_hash(logged.raw)
+                if isinstance(event, ManifestStored):
+                    manifests.append((partition, logged.offset, event))
+                elif isinstance(event, BlobMounted):
+                    blobs.append((partition, logged.offset, event))
+                continue
             if not isinstance(event, Event):
                 report.breaks.append(
                     Break(partition, logged.offset, "?", "?", "not a readable event")
@@ -70,16 +109,23 @@ async def verify_log(
             if problem:
                 # The head stays where it was, so the genuine event after a forged one still
                 # links and only the forgery is reported.
-                report.breaks.append(
-                    Break(partition, logged.offset, event.upload_id, type(event).__name__, problem)
-                )
+                report.breaks.append(_break(partition, logged.offset, event, problem))
                 continue
             heads[event.upload_id] = event_hash(logged.raw)
             if isinstance(event, LayerCommitted):
-                commits.append((partition, logged.offset, event))
+                blobs.append((partition, logged.offset, event))
     if check_blobs:
-        await _check_blobs(settings, commits, report)
+        store = ObjectStore(settings)
+        await _check_blobs(store, blobs, report)
+        await _check_manifests(store, manifests, report)
     return report
+
+
+def _break(partition: int, offset: int, event: Event | RepositoryEvent, problem: str) -> Break:
+    name = type(event).__name__
+    if isinstance(event, RepositoryEvent):
+        return Break(partition, offset, "", name, problem, repository=event.repository)
+    return Break(partition, offset, event.upload_id, name, problem)
 
 
 def _link_problem(event: Event, head: str | None) -> str | None:
@@ -91,23 +137,75 @@ def _link_problem(event: Event, head: str | None) -> str | None:
         return None
     if head is None:
         return "no UploadStarted before it"
-    if event.prev_hash != head:
-        return f"prev_hash {str(event.prev_hash)[:16]}… is not the previous event's {head[:16]}…"
+    return _prev_hash_problem(event.prev_hash, head)
+
+
+def _repository_link_problem(event: RepositoryEvent, head: str | None) -> str | None:
+    # A repository's chain has no opening event: its first event is whichever came first.
+    if head is None:
+        return None if event.prev_hash is None else "links to no earlier event of the repository"
+    if event.prev_hash is None:
+        return "starts a new chain, but the repository has events before it"
+    return _prev_hash_problem(event.prev_hash, head)
+
+
+def _prev_hash_problem(prev_hash: str | None, head: str) -> str | None:
+    if prev_hash != head:
+        return f"prev_hash {str(prev_hash)[:16]}… is not the previous event's {head[:16]}…"
     return None
 
 
-async def _check_blobs(
-    settings: Settings, commits: list[tuple[int, int, LayerCommitted]], report: Report
+def _manifest_problem(event: RepositoryEvent) -> str | None:
+    """What the log alone says is wrong with a ManifestStored: its body must be its digest."""
+    if not isinstance(event, ManifestStored):
+        return None
+    try:
+        claimed = parse_oci_digest(event.digest)
+    except InvalidReference as error:
+        return f"digest: {error}"
+    if not claimed.matches(event.body):
+        return f"its body's {claimed.algorithm} is not {event.digest}"
+    if event.size != len(event.body):
+        return f"size {event.size}, but its body has {len(event.body)} bytes"
+    return None
+
+
+async def _check_manifests(
+    store: ObjectStore, manifests: list[tuple[int, int, ManifestStored]], report: Report
 ) -> None:
-    store = ObjectStore(settings)
+    """Each manifest's stored copy must be the very bytes its ManifestStored carries."""
+    stored: dict[str, str | None] = {}  # object key -> sha256 of its bytes (None: missing)
+    for partition, offset, event in manifests:
+        if event.object_key not in stored:
+            try:
+                data = await store.get(event.object_key)
+                stored[event.object_key] = await asyncio.to_thread(_sha256, data)
+            except ObjectNotFound:
+                stored[event.object_key] = None
+            report.manifests += 1
+        found = stored[event.object_key]
+        if found is None:
+            problem = f"its stored copy ({event.object_key}) is missing"
+        elif found != await asyncio.to_thread(_sha256, event.body):
+            problem = f"its stored copy ({event.object_key}) differs from the bytes it carries"
+        else:
+            continue
+        report.breaks.append(_break(partition, offset, event, problem))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _check_blobs(
+    store: ObjectStore, blobs: list[tuple[int, int, Stored]], report: Report
+) -> None:
     computed: dict[tuple[str, str], dict[str, str] | None] = {}
-    for partition, offset, event in commits:
+    for partition, offset, event in blobs:
         try:
             algorithm = parse_digest(event.digest).algorithm
         except DigestError as error:
-            report.breaks.append(
-                Break(partition, offset, event.upload_id, "LayerCommitted", f"digest: {error}")
-            )
+            report.breaks.append(_break(partition, offset, event, f"digest: {error}"))
             continue
         key = (event.object_key, algorithm)
         if key not in computed:
@@ -122,7 +220,7 @@ async def _check_blobs(
             problem = f"stored bytes have {digests['sha256']}, not {event.blob_sha256}"
         else:
             continue
-        report.breaks.append(Break(partition, offset, event.upload_id, "LayerCommitted", problem))
+        report.breaks.append(_break(partition, offset, event, problem))
 
 
 async def _digests(store: ObjectStore, key: str, algorithm: str) -> dict[str, str] | None:
@@ -154,7 +252,9 @@ async def run_verify(
     summary = {
         "events": report.events,
         "uploads": len(report.uploads),
+        "repositories": len(report.repositories),
         "blobs_checked": report.blobs,
+        "manifests_checked": report.manifests,
         "breaks": len(report.breaks),
     }
     if as_json:
@@ -162,7 +262,8 @@ async def run_verify(
     else:
         print(
             f"checked {summary['events']} events of {summary['uploads']} uploads and "
-            f"{summary['blobs_checked']} stored blobs: "
+            f"{summary['repositories']} repositories, {summary['blobs_checked']} stored blobs "
+            f"and {summary['manifests_checked']} stored manifests: "
             + (f"{len(report.breaks)} breaks" if report.breaks else "no breaks")
         )
     return 1 if report.breaks else 0

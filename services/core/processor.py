@@ -33,6 +33,8 @@ from services.core.records import (
     Event,
     LayerCommitted,
     LayerValidationFailed,
+    RepositoryCommandRejected,
+    RepositoryEvent,
 )
 from services.core.settings import Settings
 
@@ -411,7 +413,7 @@ class Processor:
 
 
 def _count(record: object, seconds: float) -> None:
-    if isinstance(record, Event):
+    if isinstance(record, (Event, RepositoryEvent)):
         metrics.EVENTS_PUBLISHED.labels(type(record).__name__).inc()
     if isinstance(record, ChunkAppended):
         metrics.INGESTED_BYTES.inc(record.length)
@@ -422,7 +424,7 @@ def _count(record: object, seconds: float) -> None:
     elif isinstance(record, LayerValidationFailed):
         metrics.VERIFICATION_SECONDS.labels("failed").observe(seconds)
         metrics.VERIFICATION_FAILURES.labels(record.reason).inc()
-    elif isinstance(record, CommandRejected):
+    elif isinstance(record, (CommandRejected, RepositoryCommandRejected)):
         metrics.COMMANDS_REJECTED.labels(record.command_type, record.reason).inc()
     elif isinstance(record, DeadLetter):
         metrics.DEAD_LETTERS.labels(record.reason).inc()

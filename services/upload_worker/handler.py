@@ -22,6 +22,7 @@ from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.processor import Output, dead_letter
 from services.core.records import (
     COMMAND_TYPES,
+    REPOSITORY_COMMAND_TYPES,
     AppendChunk,
     CancelUpload,
     ChunkAppended,
@@ -32,6 +33,7 @@ from services.core.records import (
     ExpireUpload,
     FinishUpload,
     RejectReason,
+    RepositoryCommand,
     StartUpload,
     UploadCancelled,
     UploadExpired,
@@ -42,6 +44,7 @@ from services.core.records import (
 )
 from services.core.settings import Settings
 from services.digests.digest import InvalidDigest, TarSumVersionUnsupported, parse_digest
+from services.upload_worker.repositories import RepositoryCommands
 from services.upload_worker.staging import (
     ChunkRecord,
     StagingArea,
@@ -88,18 +91,22 @@ class CommandHandler:
         self.cache: OrderedDict[str, tuple[int, UploadState]] = OrderedDict()
         # Uploads changed since their partition's last settle(), by partition.
         self.touched: dict[int, set[str]] = {}
+        # Repository commands (keyed by repository name) share the topic and its partitions.
+        self.repositories = RepositoryCommands(settings, staging.store)
 
     def forget(self, revoked: set[TopicPartition]) -> None:
         """Another worker may own these partitions now: its writes would make our cache stale."""
         partitions = {tp.partition for tp in revoked if tp.topic == self.settings.commands_topic}
         for upload_id in [u for u, (p, _) in self.cache.items() if p in partitions]:
             del self.cache[upload_id]
+        self.repositories.forget(revoked)
 
     async def settle(self, partition: int) -> None:
         """Makes the changes of the partition's applied commands durable; called before their
         events are published. Raises if storage fails; calling it again goes on from there."""
         await self.staging.save(self.touched.get(partition, ()))
         self.touched.pop(partition, None)
+        await self.repositories.settle(partition)
 
     def abandon(self, partition: int) -> None:
         """The partition's unsettled commands will be applied again (by us or another owner)."""
@@ -107,12 +114,15 @@ class CommandHandler:
         self.staging.drop(upload_ids)
         for upload_id in upload_ids:
             self.cache.pop(upload_id, None)
+        self.repositories.abandon(partition)
 
     async def handle(self, record: ConsumerRecord) -> list[Output]:
         try:
-            command = CODEC.decode(record.value or b"", COMMAND_TYPES)
+            command = CODEC.decode(record.value or b"", COMMAND_TYPES + REPOSITORY_COMMAND_TYPES)
         except DecodeError as error:
             return [self.dead_letter(record, error.reason, error.detail)]
+        if isinstance(command, RepositoryCommand):
+            return await self.repositories.handle(command, record)
         try:
             events = await self.apply(command, Source(record.partition, record.offset))
         except Rejected as rejection:

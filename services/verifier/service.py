@@ -16,6 +16,7 @@ from aiokafka.structs import ConsumerRecord
 
 from services.core import metrics, objectstore
 from services.core.codec import CODEC, DecodeError, event_hash
+from services.core.layout import BlobPointer
 from services.core.objectstore import ObjectNotFound, ObjectStore
 from services.core.processor import Output, Processor, dead_letter
 from services.core.records import (
@@ -92,10 +93,11 @@ class Verifier:
             verdict = replace(verdict, source=source, at_ms=time.time_ns() // 1_000_000)
             # The verdict is the commit point, so a crash between the two writes leaves at
             # worst no pointer: a later upload of the digest then keeps a copy of its own.
-            await asyncio.gather(
-                self.store.put(key, verdict.to_json()),
-                *([self.judge.claim(event.digest, own_copy)] if claim else []),
-            )
+            writes = [self.store.put(key, verdict.to_json())]
+            if claim:
+                pointer = BlobPointer(own_copy, event.size, verdict.blob_sha256)
+                writes.append(self.judge.claim(event.digest, pointer))
+            await asyncio.gather(*writes)
         if not verdict.committed:
             await self.store.delete_prefix(f"uploads/{event.upload_id}/")
         elif verdict.object_key != own_copy:

@@ -6,6 +6,7 @@ import asyncio
 import json
 from dataclasses import dataclass, replace
 
+from services.core.layout import BlobPointer, blob_pointer_key, read_blob_pointer
 from services.core.objectstore import ObjectNotFound, ObjectStore
 from services.core.records import FailureReason
 from services.digests.digest import (
@@ -43,11 +44,6 @@ class Verdict:
 
 def verdict_key(upload_id: str) -> str:
     return f"verdicts/{upload_id}.json"
-
-
-def pointer_key(digest: str) -> str:
-    algorithm, _, hex_value = digest.partition(":")
-    return f"blobs/{algorithm}/{hex_value}"
 
 
 def failed(reason: str, expected: str, actual: str, detail: str) -> Verdict:
@@ -97,10 +93,8 @@ class Judge:
             parse_digest(digest)
         except (InvalidDigest, TarSumVersionUnsupported):
             return None  # judged a failure anyway; no pointer to look for
-        try:
-            return str(json.loads(await self.store.get(pointer_key(digest)))["object_key"])
-        except ObjectNotFound:
-            return None
+        pointer = await read_blob_pointer(self.store, digest)
+        return None if pointer is None else pointer.object_key
 
     async def keep_one_copy(self, verdict: Verdict, first_copy: str | None) -> Verdict:
         """One stored copy per digest: a second upload of known bytes points at the first copy
@@ -113,6 +107,6 @@ class Judge:
             return verdict  # the first copy is gone (an operator removed it): this one replaces it
         return replace(verdict, object_key=first_copy)
 
-    async def claim(self, digest: str, object_key: str) -> None:
-        """Makes object_key the digest's first copy."""
-        await self.store.put(pointer_key(digest), json.dumps({"object_key": object_key}).encode())
+    async def claim(self, digest: str, pointer: BlobPointer) -> None:
+        """Makes pointer's object the digest's first copy."""
+        await self.store.put(blob_pointer_key(digest), pointer.to_json())
