@@ -18,29 +18,23 @@ import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 
-from bench.stack import Pipeline, free_port, new_tag, peak_rss_mib, run_settings
+from bench.stack import (
+    Pipeline,
+    free_port,
+    new_tag,
+    peak_rss_mib,
+    run_settings,
+    wait_for_query,
+)
 
 MIB = 1 << 20
 ROUNDS = 50
 STREAM_BYTES = 1 << 30
-
-
-async def wait_for(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(url + "/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"registry not answering at {url}")
 
 
 async def commit_latencies(http: aiohttp.ClientSession) -> list[float]:
@@ -87,7 +81,7 @@ async def main() -> None:
     pipeline = Pipeline(settings, work, services=("upload-worker", "verifier", "registry"))
     await pipeline.start()
     try:
-        await wait_for(settings.registry_url)
+        await wait_for_query(replace(settings, query_url=settings.registry_url))
         registry_pid = pipeline.services["registry"].service_pid()
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(settings.registry_url, timeout=timeout) as http:

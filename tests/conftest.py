@@ -196,6 +196,13 @@ async def registry(
 
 
 @pytest.fixture()
+async def registry_http(registry: ServiceProcess) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session whose relative URLs go to the session's registry."""
+    async with aiohttp.ClientSession(base_url=registry.settings.registry_url) as session:
+        yield session
+
+
+@pytest.fixture()
 def log_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -20,9 +19,8 @@ def sha256(data: bytes) -> str:
 
 
 @pytest.fixture()
-async def http(registry) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=registry.settings.registry_url) as session:
-        yield session
+def http(registry_http: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    return registry_http
 
 
 async def code_of(response: aiohttp.ClientResponse) -> str:

@@ -50,9 +50,8 @@ def image(config: bytes = CONFIG, layers: tuple[bytes, ...] = (LAYER,), **extra:
 
 
 @pytest.fixture()
-async def http(registry) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=registry.settings.registry_url) as session:
-        yield session
+def http(registry_http: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    return registry_http
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,8 @@ def sha256(data: bytes) -> str:
 
 
 @pytest.fixture()
-async def http(registry) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=registry.settings.registry_url) as session:
-        yield session
+def http(registry_http: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    return registry_http
 
 
 async def start(http: aiohttp.ClientSession, name: str) -> str:

@@ -49,13 +49,11 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     host, port = settings.registry_host_port
     await web.TCPSite(runner, host, port).start()
     log.info("registry: serving http://%s:%d (index %s)", host, port, index.path)
-    tasks = [asyncio.create_task(stop.wait()), asyncio.create_task(projection.run(stop))]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()  # a projection that died must take the registry down, loudly
+        # Returns once stop is set; a projection that fails takes the registry down, loudly,
+        # rather than leave it answering writes it can never see the outcome of.
+        await projection.run(stop)
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await runner.cleanup()
         await commands.stop()
