@@ -129,18 +129,19 @@ class ServiceProcess:
         return self.process is not None and self.process.poll() is None
 
 
-async def wait_for_query(settings: Settings, timeout: float = 30) -> None:
+async def wait_for_query(settings: Settings, timeout: float = 30, url: str | None = None) -> None:
     deadline = time.monotonic() + timeout
+    url = url or settings.query_url
     async with aiohttp.ClientSession() as http:
         while True:
             try:
-                async with http.get(settings.query_url + "/healthz") as response:
+                async with http.get(url + "/healthz") as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"query service not answering at {settings.query_url}")
+                raise TimeoutError(f"service not answering at {url}")
             await asyncio.sleep(0.2)
 
 
@@ -165,6 +166,40 @@ async def stack_services(
         if service.log_path.exists():
             tail = service.log_path.read_text(errors="replace").splitlines()[-5:]
             print(f"--- {service.name} log tail:\n" + "\n".join(tail))
+
+
+def registry_process(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> ServiceProcess:
+    """A registry process on a free port with an index of its own (not yet started)."""
+    port = free_port()
+    own = replace(
+        settings,
+        registry_listen=f"127.0.0.1:{port}",
+        registry_url=f"http://127.0.0.1:{port}",
+        registry_index_path=str(tmp_path_factory.mktemp("registry-index") / "index.sqlite"),
+    )
+    return ServiceProcess("registry", own, tmp_path_factory.mktemp("registry-logs"))
+
+
+@pytest.fixture(scope="session")
+async def registry(
+    settings: Settings,
+    stack_services: dict[str, ServiceProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[ServiceProcess]:
+    """The OCI registry beside the session's services; its URL is .settings.registry_url."""
+    service = registry_process(settings, tmp_path_factory).start()
+    await wait_for_query(service.settings, url=service.settings.registry_url)
+    yield service
+    service.stop()
+
+
+@pytest.fixture()
+async def registry_http(registry: ServiceProcess) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session whose relative URLs go to the session's registry."""
+    async with aiohttp.ClientSession(base_url=registry.settings.registry_url) as session:
+        yield session
 
 
 @pytest.fixture()

@@ -65,7 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     query.set_defaults(handler=run_service, service="query")
 
-    run_all = command("run-all", "run the three services until Ctrl-C")
+    registry = command(
+        "registry",
+        "serve the OCI distribution API (push and pull for docker, crane, oras, ...)",
+        "Serve the OCI distribution-spec v1.1 API on LAYERLOG_REGISTRY_LISTEN: blob uploads, "
+        "mounts and deletes, manifest puts and deletes become commands on Kafka; reads come from "
+        "an index (LAYERLOG_REGISTRY_INDEX_PATH) this process projects from the events topic.",
+    )
+    registry.set_defaults(handler=run_service, service="registry")
+
+    run_all = command("run-all", "run the four services until Ctrl-C")
     run_all.set_defaults(handler=run_all)
 
     # Client commands

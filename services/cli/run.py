@@ -1,4 +1,4 @@
-"""`layerlog upload-worker|verifier|query` and `run-all`: the services in the foreground."""
+"""`layerlog upload-worker|verifier|query|registry` and `run-all`: services in the foreground."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from services.cli.exits import EXIT_NO, EXIT_OK, EXIT_USAGE
 from services.core.settings import Settings
 
-SERVICES = ("upload-worker", "verifier", "query")
+SERVICES = ("upload-worker", "verifier", "query", "registry")
 
 
 def run_service(args: argparse.Namespace) -> int:
@@ -38,6 +38,10 @@ def run_service(args: argparse.Namespace) -> int:
             from services.verifier import service
 
             await service.run(settings, stop)
+        elif args.service == "registry":
+            from services.registry import service
+
+            await service.run(settings, stop)
         else:
             from services.query import service
 
@@ -57,10 +61,14 @@ async def _until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) ->
 
 def run_all(args: argparse.Namespace) -> int:
     """Starts each service as its own process; Ctrl-C (or one of them dying) stops them all."""
-    Settings.from_env()  # a bad setting should fail here, once, not three times
+    Settings.from_env()  # a bad setting should fail here, once, not once per service
     env = dict(os.environ)
     env.setdefault("LAYERLOG_INDEX_PATH", str(Path(".cache/query/index.sqlite").resolve()))
-    Path(env["LAYERLOG_INDEX_PATH"]).parent.mkdir(parents=True, exist_ok=True)
+    env.setdefault(
+        "LAYERLOG_REGISTRY_INDEX_PATH", str(Path(".cache/registry/index.sqlite").resolve())
+    )
+    for index in ("LAYERLOG_INDEX_PATH", "LAYERLOG_REGISTRY_INDEX_PATH"):
+        Path(env[index]).parent.mkdir(parents=True, exist_ok=True)
     children = [
         subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env) for name in SERVICES
     ]

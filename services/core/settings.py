@@ -46,6 +46,11 @@ class Settings:
     max_chunk_bytes: int = 8 * MIB
     part_size: int = S3_MIN_PART_SIZE
     index_path: str = "layerlog-index.sqlite"
+    # The OCI registry (services/registry) listens here and keeps its own index: each process
+    # that waits for its writes to be projected needs a projection of its own.
+    registry_listen: str = "127.0.0.1:5000"
+    registry_url: str = "http://127.0.0.1:5000"
+    registry_index_path: str = "layerlog-registry-index.sqlite"
     # GET of a layer answers 307 to a presigned S3 URL instead of streaming the bytes through
     # the query service, as registries do; clients must then reach s3_endpoint themselves.
     blob_redirect: bool = False
@@ -77,6 +82,7 @@ class Settings:
     def validate(self) -> None:
         _host_port("LAYERLOG_S3_ENDPOINT", self.s3_endpoint)
         _host_port("LAYERLOG_QUERY_LISTEN", self.query_listen)
+        _host_port("LAYERLOG_REGISTRY_LISTEN", self.registry_listen)
         _host_port("LAYERLOG_WORKER_METRICS_LISTEN", self.worker_metrics_listen)
         _host_port("LAYERLOG_VERIFIER_METRICS_LISTEN", self.verifier_metrics_listen)
         if self.log_level.upper() not in LOG_LEVELS:
@@ -85,12 +91,8 @@ class Settings:
             )
         for server in self.kafka_bootstrap.split(","):
             _host_port("LAYERLOG_KAFKA_BOOTSTRAP", server.strip())
-        url = urlsplit(self.query_url)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise SettingsError(
-                f"LAYERLOG_QUERY_URL must be an http(s) URL like http://127.0.0.1:8080, "
-                f"got {self.query_url!r}"
-            )
+        _http_url("LAYERLOG_QUERY_URL", self.query_url, "http://127.0.0.1:8080")
+        _http_url("LAYERLOG_REGISTRY_URL", self.registry_url, "http://127.0.0.1:5000")
         if not _BUCKET_NAME.match(self.bucket):
             raise SettingsError(
                 f"LAYERLOG_BUCKET must be an S3 bucket name (3-63 of a-z 0-9 . -), "
@@ -130,6 +132,10 @@ class Settings:
     def query_host_port(self) -> tuple[str, int]:
         return _host_port("LAYERLOG_QUERY_LISTEN", self.query_listen)
 
+    @property
+    def registry_host_port(self) -> tuple[str, int]:
+        return _host_port("LAYERLOG_REGISTRY_LISTEN", self.registry_listen)
+
 
 def _convert(variable: str, raw: str, kind: object) -> object:
     if kind in (bool, "bool"):
@@ -145,6 +151,12 @@ def _convert(variable: str, raw: str, kind: object) -> object:
         except ValueError:
             raise SettingsError(f"{variable} must be a whole number, got {raw!r}") from None
     return raw.strip()
+
+
+def _http_url(variable: str, value: str, example: str) -> None:
+    url = urlsplit(value)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise SettingsError(f"{variable} must be an http(s) URL like {example}, got {value!r}")
 
 
 def _host_port(variable: str, value: str) -> tuple[str, int]:

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS layers (
     upload_id    TEXT NOT NULL,
     PRIMARY KEY (repository, digest)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS layers_by_digest ON layers (digest);
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id      TEXT PRIMARY KEY,
     repository     TEXT NOT NULL,
@@ -268,6 +269,19 @@ class Index:
                 "SELECT repository, digest, size, object_key, committed_at FROM layers "
                 "WHERE repository = ? AND digest = ?",
                 (repository, digest),
+            )
+            .fetchone()
+        )
+        return LayerRow(*row) if row else None
+
+    def layer_anywhere(self, digest: str) -> LayerRow | None:
+        """The blob in any repository: the registry's automatic content discovery for mounts."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT repository, digest, size, object_key, committed_at FROM layers "
+                "WHERE digest = ? LIMIT 1",
+                (digest,),
             )
             .fetchone()
         )

@@ -1,0 +1,59 @@
+"""The registry process: its own index projection, the read routes and the write routes in one
+aiohttp app on LAYERLOG_REGISTRY_LISTEN.
+
+Each registry process projects the events into an index of its own (LAYERLOG_REGISTRY_INDEX_PATH):
+a write is answered once this process's index shows its outcome, so whatever it answers, its
+own reads see at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from services.core.objectstore import ObjectStore
+from services.core.processor import start_with_retry
+from services.core.settings import Settings
+from services.query.http import QueryApi
+from services.query.index import Index
+from services.query.projection import Projection
+from services.registry.commandlog import CommandLog, Watcher
+from services.registry.write import WriteApi
+
+log = logging.getLogger(__name__)
+
+
+def build_app(
+    settings: Settings, index: Index, projection: Projection, commands: CommandLog
+) -> web.Application:
+    # QueryApi brings blob HEAD/GET, /healthz and /metrics (and its request metrics middleware).
+    app = QueryApi(index, ObjectStore(settings), projection, redirect=settings.blob_redirect).app()
+    WriteApi(settings, index, commands, Watcher(projection)).add_routes(app.router)
+    # The OCI read routes (GET /v2/, manifests GET/HEAD, tags, catalog, referrers) join here,
+    # one line, once services/query/oci.py lands.
+    return app
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    index = Index(settings.registry_index_path)
+    projection = Projection(settings, index)
+    commands = CommandLog(settings)
+    await start_with_retry(commands.start, "registry producer")
+    app = build_app(settings, index, projection, commands)
+    # As the query service: long request lines reach the handlers, which answer them with the
+    # spec's JSON errors, rather than the HTTP parser's plain-text refusal.
+    runner = web.AppRunner(app, access_log=None, max_line_size=65536, max_field_size=65536)
+    await runner.setup()
+    host, port = settings.registry_host_port
+    await web.TCPSite(runner, host, port).start()
+    log.info("registry: serving http://%s:%d (index %s)", host, port, index.path)
+    try:
+        # Returns once stop is set; a projection that fails takes the registry down, loudly,
+        # rather than leave it answering writes it can never see the outcome of.
+        await projection.run(stop)
+    finally:
+        stop.set()
+        await runner.cleanup()
+        await commands.stop()

@@ -1,0 +1,510 @@
+"""Blob uploads, mounts and unlinks: the distribution spec's blob routes as Layerlog commands.
+
+An OCI upload session is a Layerlog upload: POST is StartUpload, each PATCH becomes AppendChunk
+commands, PUT is FinishUpload, DELETE is CancelUpload. What an upload is (its repository, its
+offset, open or not) is read from the index, which the log builds, never from this process's
+memory: a PATCH may reach any replica, or come after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from services.core.names import InvalidName, check_repository, check_upload_id
+from services.core.records import (
+    AppendChunk,
+    CancelUpload,
+    FailureReason,
+    FinishUpload,
+    MountBlob,
+    RejectReason,
+    StartUpload,
+    UnlinkBlob,
+)
+from services.core.settings import Settings
+from services.oci.references import InvalidReference, parse_oci_digest
+from services.query.index import Index, RejectionRow, UploadRow, UploadStates
+from services.registry import errors
+from services.registry.commandlog import CommandLog, Sender, Watcher
+from services.registry.errors import RegistryError, answering
+from services.registry.outcomes import Outcome, await_outcome
+
+# Long enough for the verifier to read a multi-GiB blob once; the SDK waits as long.
+VERDICT_SECONDS = 300.0
+# Chunks are durable once the worker has staged them: seconds, unless the worker is away.
+DURABLE_SECONDS = 120.0
+# What the spec allows: "<start>-<end>", both inclusive. "bytes a-b/total" is accepted too, as
+# some clients send the RFC 9110 form.
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d{1,18})-(\d{1,18})(?:/(?:\d{1,18}|\*))?$")
+
+_GONE = frozenset(
+    {
+        RejectReason.UNKNOWN_UPLOAD,
+        RejectReason.UPLOAD_FINISHED,
+        RejectReason.UPLOAD_CANCELLED,
+        RejectReason.REPOSITORY_MISMATCH,
+    }
+)
+_OUT_OF_ORDER = frozenset({RejectReason.OFFSET_MISMATCH, RejectReason.CHUNK_CONFLICT})
+
+
+def repository_of(request: web.Request) -> str:
+    name = request.match_info["name"]
+    try:
+        return check_repository(name)
+    except InvalidName as bad:
+        raise RegistryError(400, errors.NAME_INVALID, str(bad), {"name": name[:300]}) from None
+
+
+def digest_param(text: str | None) -> str:
+    """A sha256 or sha512 digest from the query string, or 400 DIGEST_INVALID."""
+    if not text:
+        raise RegistryError(400, errors.DIGEST_INVALID, "the digest parameter is required")
+    try:
+        return str(parse_oci_digest(text))
+    except InvalidReference as bad:
+        raise RegistryError(400, errors.DIGEST_INVALID, str(bad), {"digest": text[:300]}) from None
+
+
+def upload_path(name: str, upload_id: str) -> str:
+    return f"/v2/{name}/blobs/uploads/{upload_id}"
+
+
+def range_header(offset: int) -> str:
+    # The spec's "0-<last byte>"; an empty upload is answered "0-0", as clients expect.
+    return f"0-{max(offset - 1, 0)}"
+
+
+def upload_headers(name: str, upload_id: str, offset: int) -> dict[str, str]:
+    return {
+        "Location": upload_path(name, upload_id),
+        "Range": range_header(offset),
+        "Docker-Upload-UUID": upload_id,
+        "Content-Length": "0",
+    }
+
+
+def blob_headers(name: str, digest: str) -> dict[str, str]:
+    return {
+        "Location": f"/v2/{name}/blobs/{digest}",
+        "Docker-Content-Digest": digest,
+        "Content-Length": "0",
+    }
+
+
+@dataclass
+class Appended:
+    """The chunks one request sent, in order: (offset, length, command id)."""
+
+    start: int
+    end: int
+    chunks: list[tuple[int, int, str]] = field(default_factory=list)
+
+    def first_not_durable(self, durable: int) -> str | None:
+        return next((cid for offset, length, cid in self.chunks if offset + length > durable), None)
+
+
+class KeyedLocks:
+    """One lock per upload in this process: two PATCHes of one upload must not interleave their
+    chunks (the worker would accept a mix); across replicas the digest check still guards."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class Uploads:
+    def __init__(self, settings: Settings, index: Index, log: CommandLog, watch: Watcher) -> None:
+        self.settings = settings
+        self.index = index
+        self.log = log
+        self.watch = watch
+        self.locks = KeyedLocks()
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        start = router.add_resource("/v2/{name:.+}/blobs/uploads/", name="registry-upload-start")
+        start.add_route("POST", answering(self.start))
+        session = router.add_resource("/v2/{name:.+}/blobs/uploads/{uuid}", name="registry-upload")
+        session.add_route("GET", answering(self.status))
+        session.add_route("PATCH", answering(self.patch))
+        session.add_route("PUT", answering(self.finish))
+        session.add_route("DELETE", answering(self.cancel))
+        # Its own resource beside the read side's blob HEAD/GET: routing goes on to the next
+        # resource of the same path when a method does not match.
+        blob = router.add_resource("/v2/{name:.+}/blobs/{digest}", name="registry-blob")
+        blob.add_route("DELETE", answering(self.unlink))
+
+    # POST /v2/<name>/blobs/uploads/[?digest=D | ?mount=D[&from=R]]
+
+    async def start(self, request: web.Request) -> web.Response:
+        name = repository_of(request)
+        if "mount" in request.query:
+            mounted = await self._mount(name, request.query["mount"], request.query.get("from"))
+            if mounted is not None:
+                return mounted
+        elif "digest" in request.query:
+            return await self._monolithic(request, name, digest_param(request.query["digest"]))
+        upload_id = await self._start(name)
+        return web.Response(status=202, headers=upload_headers(name, upload_id, 0))
+
+    async def _start(self, name: str) -> str:
+        command = StartUpload(upload_id=str(uuid.uuid4()), repository=name)
+        await self.log.deliver(command)
+
+        def started() -> UploadRow | RejectionRow | None:
+            return self.index.upload(command.upload_id) or self.index.rejection(command.command_id)
+
+        # Until the query side's read barrier lands, the next request of this session is only
+        # sure to find the upload on this replica: so wait for our own projection to see it.
+        seen = await self.watch.until(started, DURABLE_SECONDS, "the upload's start")
+        if isinstance(seen, RejectionRow):
+            raise _chunk_refusal(name, command.upload_id, seen)
+        return command.upload_id
+
+    async def _monolithic(self, request: web.Request, name: str, digest: str) -> web.Response:
+        """The whole blob in the POST: start, chunks and finish in one go, one wait."""
+        command = StartUpload(upload_id=str(uuid.uuid4()), repository=name)
+        sender = self.log.sender()
+        await sender.send(command)
+        # The upload's commands share its key and so its partition: the worker reads them in
+        # this order, and the start need not be seen before the chunks are sent.
+        appended = await self._append(sender, name, command.upload_id, 0, request)
+        return await self._finish(sender, name, command.upload_id, digest, appended)
+
+    async def _mount(self, name: str, digest_text: str, source: str | None) -> web.Response | None:
+        """201 once the blob is linked into name; None to fall back to an upload, as the spec
+        says a registry that cannot mount does."""
+        digest = digest_param(digest_text)
+        if await asyncio.to_thread(self.index.layer, name, digest) is not None:
+            return web.Response(status=201, headers=blob_headers(name, digest))
+        if source is not None:
+            try:
+                check_repository(source)
+            except InvalidName:
+                return None
+            found = await asyncio.to_thread(self.index.layer, source, digest)
+        else:
+            # Automatic content discovery: any repository holding the blob will do, for now
+            # (with logins, only one the client may read).
+            found = await asyncio.to_thread(self.index.layer_anywhere, digest)
+        if found is None:
+            return None
+        command = MountBlob(repository=name, digest=digest, source_repository=source)
+        await self.log.deliver(command)
+        outcome = await self._outcome(command.command_id, "the mount")
+        if not outcome.applied:
+            return None  # unlinked meanwhile: an upload it is
+        return web.Response(status=201, headers=blob_headers(name, digest))
+
+    # GET, PATCH, PUT, DELETE /v2/<name>/blobs/uploads/<uuid>
+
+    async def status(self, request: web.Request) -> web.Response:
+        name, row = await self._open_upload(request)
+        return web.Response(status=204, headers=upload_headers(name, row.upload_id, _offset(row)))
+
+    async def patch(self, request: web.Request) -> web.Response:
+        upload_id = self._upload_id(request)
+        async with self.locks.hold(upload_id):
+            name, row = await self._open_upload(request)
+            start = _chunk_start(request, name, row)
+            sender = self.log.sender()
+            appended = await self._append(sender, name, upload_id, start, request)
+            await sender.drain()
+            offset = await self._durable(name, upload_id, appended)
+        return web.Response(status=202, headers=upload_headers(name, upload_id, offset))
+
+    async def finish(self, request: web.Request) -> web.Response:
+        upload_id = self._upload_id(request)
+        # Checked before anything is sent: a bad digest leaves the upload as it was.
+        digest = digest_param(request.query.get("digest"))
+        async with self.locks.hold(upload_id):
+            name, row = await self._open_upload(request)
+            start = _chunk_start(request, name, row)
+            sender = self.log.sender()
+            appended = await self._append(sender, name, upload_id, start, request)
+            return await self._finish(sender, name, upload_id, digest, appended)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        upload_id = self._upload_id(request)
+        async with self.locks.hold(upload_id):
+            name, _ = await self._open_upload(request)
+            command = CancelUpload(upload_id=upload_id, repository=name)
+            await self.log.deliver(command)
+
+            def closed() -> UploadRow | RejectionRow | None:
+                row = self.index.upload(upload_id)
+                if row is not None and row.state != UploadStates.OPEN:
+                    return row
+                return self.index.rejection(command.command_id)
+
+            seen = await self.watch.until(closed, DURABLE_SECONDS, "the cancellation")
+        if isinstance(seen, RejectionRow) or seen.state != UploadStates.CANCELLED:
+            # Finished, expired or cancelled by another request first: it is not there to cancel.
+            raise _unknown_upload(upload_id, "is no longer open")
+        return web.Response(status=204, headers={"Content-Length": "0"})
+
+    # DELETE /v2/<name>/blobs/<digest>
+
+    async def unlink(self, request: web.Request) -> web.Response:
+        name = repository_of(request)
+        digest = digest_param(request.match_info["digest"])
+        if await asyncio.to_thread(self.index.layer, name, digest) is None:
+            raise RegistryError(404, errors.BLOB_UNKNOWN, f"no blob {digest} in {name}")
+        command = UnlinkBlob(repository=name, digest=digest)
+        await self.log.deliver(command)
+        outcome = await self._outcome(command.command_id, "the unlink")
+        if not outcome.applied:
+            raise RegistryError(404, errors.BLOB_UNKNOWN, outcome.detail or f"no blob {digest}")
+        return web.Response(status=202, headers={"Content-Length": "0"})
+
+    # Plumbing
+
+    def _upload_id(self, request: web.Request) -> str:
+        try:
+            return check_upload_id(request.match_info["uuid"])
+        except InvalidName as bad:
+            raise RegistryError(404, errors.BLOB_UPLOAD_UNKNOWN, str(bad)) from None
+
+    async def _open_upload(self, request: web.Request) -> tuple[str, UploadRow]:
+        name = repository_of(request)
+        upload_id = self._upload_id(request)
+        row = await asyncio.to_thread(self.index.upload, upload_id)
+        if row is None or row.repository != name:
+            raise _unknown_upload(upload_id, f"is not an upload to {name}")
+        if row.state != UploadStates.OPEN:
+            raise _unknown_upload(upload_id, f"is {row.state}")
+        return name, row
+
+    async def _append(
+        self, sender: Sender, name: str, upload_id: str, start: int, request: web.Request
+    ) -> Appended:
+        """Sends the request's body as AppendChunk commands of at most max_chunk_bytes, reading
+        it as it arrives; the sender keeps the unacknowledged bytes bounded."""
+        appended = Appended(start, start)
+        size = self.settings.max_chunk_bytes
+        buffer = bytearray()
+        try:
+            while True:
+                data = await request.content.read(size - len(buffer))
+                if data:
+                    buffer += data
+                if len(buffer) >= size or (not data and buffer):
+                    chunk = AppendChunk(
+                        upload_id=upload_id,
+                        repository=name,
+                        offset=appended.end,
+                        data=bytes(buffer),
+                    )
+                    buffer.clear()
+                    await sender.send(chunk)
+                    appended.chunks.append((chunk.offset, len(chunk.data), chunk.command_id))
+                    appended.end += len(chunk.data)
+                    await self._check_not_refused(name, upload_id, appended)
+                if not data:
+                    break
+        except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
+            await sender.abandon()
+            raise RegistryError(
+                400,
+                errors.BLOB_UPLOAD_INVALID,
+                "the request body ended early; GET the upload for the offset to resume from",
+            ) from None
+        except RegistryError:
+            await sender.abandon()
+            raise
+        expected = _declared_range_length(request)
+        if expected is not None and expected != appended.end - appended.start:
+            await sender.abandon()
+            raise RegistryError(
+                400,
+                errors.BLOB_UPLOAD_INVALID,
+                f"Content-Range names {expected} bytes; the body had "
+                f"{appended.end - appended.start}",
+            )
+        return appended
+
+    async def _check_not_refused(self, name: str, upload_id: str, appended: Appended) -> None:
+        """Mid-stream, stops reading a body whose chunks the worker already refused."""
+        if len(appended.chunks) < 2:
+            return  # the first chunk is judged when the request ends
+
+        def refusal() -> RejectionRow | None:
+            row = self.index.upload(upload_id)
+            pending = appended.first_not_durable(row.durable_offset if row else 0)
+            return self.index.rejection(pending) if pending else None
+
+        refused = await asyncio.to_thread(refusal)
+        if refused is not None:
+            raise _chunk_refusal(name, upload_id, refused)
+
+    async def _durable(self, name: str, upload_id: str, appended: Appended) -> int:
+        """The upload's offset once every chunk sent is staged; a refusal answers instead."""
+
+        def settled() -> UploadRow | RejectionRow | None:
+            row = self.index.upload(upload_id)
+            if row is None:
+                return None
+            if row.durable_offset >= appended.end or row.state != UploadStates.OPEN:
+                return row
+            pending = appended.first_not_durable(row.durable_offset)
+            return self.index.rejection(pending) if pending else None
+
+        seen = await self.watch.until(settled, DURABLE_SECONDS, "the upload's chunks")
+        if isinstance(seen, RejectionRow):
+            raise _chunk_refusal(name, upload_id, seen)
+        if seen.state != UploadStates.OPEN:
+            raise _unknown_upload(upload_id, f"is {seen.state}")
+        return _offset(seen)
+
+    async def _finish(
+        self, sender: Sender, name: str, upload_id: str, digest: str, appended: Appended
+    ) -> web.Response:
+        command = FinishUpload(
+            upload_id=upload_id, repository=name, size=appended.end, digest=digest
+        )
+        # Sent right behind the last chunk, in the same batch when it fits: the worker then
+        # stages and finishes in one transaction.
+        await sender.send(command)
+        await sender.drain()
+
+        def verdict() -> UploadRow | RejectionRow | None:
+            row = self.index.upload(upload_id)
+            pending = appended.first_not_durable(row.durable_offset if row else appended.start)
+            if pending is not None:
+                refused = self.index.rejection(pending)
+                if refused is not None:
+                    return refused
+            if row is not None and row.state in UploadStates.TERMINAL:
+                return row
+            return self.index.rejection(command.command_id)
+
+        seen = await self.watch.until(verdict, VERDICT_SECONDS, "the upload's verdict")
+        if isinstance(seen, RejectionRow):
+            if seen.command_type == "AppendChunk":
+                raise _chunk_refusal(name, upload_id, seen)
+            raise _finish_refusal(upload_id, seen)
+        if seen.state == UploadStates.COMMITTED:
+            return web.Response(status=201, headers=blob_headers(name, digest))
+        if seen.state == UploadStates.FAILED:
+            raise _failure(seen)
+        raise _unknown_upload(upload_id, f"is {seen.state}")
+
+    async def _outcome(self, command_id: str, what: str) -> Outcome:
+        return await await_outcome(self.watch, self.index, command_id, what, DURABLE_SECONDS)
+
+
+def _offset(row: UploadRow) -> int:
+    return row.durable_offset
+
+
+def _chunk_start(request: web.Request, name: str, row: UploadRow) -> int:
+    """Where this request's bytes go: the upload's offset, which a Content-Range must name."""
+    header = request.headers.get("Content-Range")
+    offset = _offset(row)
+    if header is None:
+        return offset
+    match = _CONTENT_RANGE.match(header.strip())
+    if match is None or int(match.group(2)) < int(match.group(1)):
+        raise _range_refusal(name, row.upload_id, offset, f"malformed Content-Range {header!r}")
+    start = int(match.group(1))
+    length = request.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) != int(match.group(2)) - start + 1:
+        raise RegistryError(
+            400,
+            errors.BLOB_UPLOAD_INVALID,
+            f"Content-Range {header!r} does not name the body's {length} bytes",
+        )
+    if start < offset:
+        raise _range_refusal(
+            name,
+            row.upload_id,
+            offset,
+            f"Content-Range starts at {start}, inside the {offset} bytes already received",
+        )
+    # A start past the offset this index knows goes to the worker, which holds the upload's
+    # own offset: this replica's index may lag a chunk another replica took a moment ago.
+    return start
+
+
+def _declared_range_length(request: web.Request) -> int | None:
+    header = request.headers.get("Content-Range")
+    match = _CONTENT_RANGE.match(header.strip()) if header else None
+    if match is None:
+        return None
+    return int(match.group(2)) - int(match.group(1)) + 1
+
+
+def _range_refusal(name: str, upload_id: str, offset: int, message: str) -> RegistryError:
+    return RegistryError(
+        416,
+        errors.BLOB_UPLOAD_INVALID,
+        message,
+        {"offset": offset},
+        {
+            "Location": upload_path(name, upload_id),
+            "Range": range_header(offset),
+            "Docker-Upload-UUID": upload_id,
+        },
+    )
+
+
+def _unknown_upload(upload_id: str, why: str) -> RegistryError:
+    return RegistryError(404, errors.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} {why}")
+
+
+def _chunk_refusal(name: str, upload_id: str, refused: RejectionRow) -> RegistryError:
+    if refused.reason in _OUT_OF_ORDER:
+        offset = refused.expected_offset or 0
+        return _range_refusal(name, upload_id, offset, refused.detail)
+    if refused.reason in _GONE:
+        return _unknown_upload(upload_id, f"was refused: {refused.detail}")
+    if refused.reason == RejectReason.INVALID_REPOSITORY:
+        return RegistryError(400, errors.NAME_INVALID, refused.detail)
+    return _invalid(refused)
+
+
+def _finish_refusal(upload_id: str, refused: RejectionRow) -> RegistryError:
+    if refused.reason in _GONE:
+        return _unknown_upload(upload_id, f"was refused: {refused.detail}")
+    if refused.reason == RejectReason.INVALID_DIGEST:
+        return RegistryError(400, errors.DIGEST_INVALID, refused.detail)
+    if refused.reason == RejectReason.INVALID_SIZE:
+        return RegistryError(400, errors.SIZE_INVALID, refused.detail)
+    return _invalid(refused)
+
+
+def _failure(row: UploadRow) -> RegistryError:
+    detail = {"reason": row.reason, "expected": row.expected, "actual": row.actual}
+    message = row.detail or f"upload {row.upload_id} failed validation"
+    if row.reason == FailureReason.INVALID_DIGEST:
+        return RegistryError(400, errors.DIGEST_INVALID, message, detail)
+    if row.reason == FailureReason.INVALID_LENGTH:
+        return RegistryError(400, errors.SIZE_INVALID, message, detail)
+    return RegistryError(400, errors.BLOB_UPLOAD_INVALID, message, detail)
+
+
+def _invalid(refused: RejectionRow) -> RegistryError:
+    return RegistryError(
+        400, errors.BLOB_UPLOAD_INVALID, refused.detail, {"reason": refused.reason}
+    )

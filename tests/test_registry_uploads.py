@@ -1,0 +1,199 @@
+"""Blob uploads through the OCI registry, end to end: the registry's commands go through the real
+upload worker and verifier, and the blob comes back from the registry's own index."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from tests.conftest import registry_process, wait_for_query
+
+MIB = 1 << 20
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture()
+def http(registry_http: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    return registry_http
+
+
+async def start(http: aiohttp.ClientSession, name: str) -> str:
+    async with http.post(f"/v2/{name}/blobs/uploads/") as response:
+        assert response.status == 202, await response.text()
+        assert response.headers["Range"] == "0-0"
+        assert response.headers["Content-Length"] == "0"
+        location = response.headers["Location"]
+        assert location == f"/v2/{name}/blobs/uploads/{response.headers['Docker-Upload-UUID']}"
+        return location
+
+
+async def blob_of(http: aiohttp.ClientSession, name: str, digest: str) -> bytes:
+    async with http.get(f"/v2/{name}/blobs/{digest}") as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Docker-Content-Digest"] == digest
+        return await response.read()
+
+
+async def test_chunked_upload_commits_and_reads_back(http):
+    name = "registry/chunked"
+    data = os.urandom(2 * MIB + 12345)  # the first PATCH is split into several AppendChunks
+    digest = sha256(data)
+    location = await start(http, name)
+    cut = 2 * MIB + 100
+    headers = {"Content-Range": f"0-{cut - 1}", "Content-Type": "application/octet-stream"}
+    async with http.patch(location, data=data[:cut], headers=headers) as response:
+        assert response.status == 202, await response.text()
+        assert response.headers["Range"] == f"0-{cut - 1}"
+        assert response.headers["Location"] == location
+    async with http.get(location) as response:
+        assert response.status == 204
+        assert response.headers["Range"] == f"0-{cut - 1}"
+    headers = {"Content-Range": f"{cut}-{len(data) - 1}"}
+    async with http.patch(location, data=data[cut:], headers=headers) as response:
+        assert response.status == 202, await response.text()
+        assert response.headers["Range"] == f"0-{len(data) - 1}"
+    async with http.put(location, params={"digest": digest}) as response:
+        assert response.status == 201, await response.text()
+        assert response.headers["Location"] == f"/v2/{name}/blobs/{digest}"
+        assert response.headers["Docker-Content-Digest"] == digest
+    assert await blob_of(http, name, digest) == data
+    async with http.get(location) as response:
+        assert response.status == 404
+        assert (await response.json())["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+
+
+async def test_streamed_patch_then_put_with_the_last_piece(http):
+    name = "registry/streamed"
+    data = os.urandom(3 * MIB + 7)
+    digest = sha256(data)
+
+    async def body() -> AsyncIterator[bytes]:
+        # Transfer-Encoding: chunked, no Content-Length and no Content-Range: docker's way.
+        for at in range(0, 3 * MIB, 256 * 1024):
+            yield data[at : at + 256 * 1024]
+
+    location = await start(http, name)
+    async with http.patch(location, data=body()) as response:
+        assert response.status == 202, await response.text()
+        assert response.headers["Range"] == f"0-{3 * MIB - 1}"
+    async with http.put(location, params={"digest": digest}, data=data[3 * MIB :]) as response:
+        assert response.status == 201, await response.text()
+    assert await blob_of(http, name, digest) == data
+
+
+async def test_monolithic_post_and_empty_blob(http):
+    name = "registry/monolithic"
+    for data in (b"one request, the whole blob", b""):
+        digest = sha256(data)
+        async with http.post(
+            f"/v2/{name}/blobs/uploads/", params={"digest": digest}, data=data
+        ) as response:
+            assert response.status == 201, await response.text()
+            assert response.headers["Docker-Content-Digest"] == digest
+            assert response.headers["Location"] == f"/v2/{name}/blobs/{digest}"
+        async with http.head(f"/v2/{name}/blobs/{digest}") as response:
+            assert response.status == 200
+            assert response.headers["Content-Length"] == str(len(data))
+
+
+async def test_post_then_put_monolithic_in_two_requests(http):
+    name = "registry/post-put"
+    data = os.urandom(64 * 1024)
+    location = await start(http, name)
+    async with http.put(location, params={"digest": sha256(data)}, data=data) as response:
+        assert response.status == 201, await response.text()
+    assert await blob_of(http, name, sha256(data)) == data
+
+
+async def test_wrong_digest_fails_the_upload(http):
+    name = "registry/wrong-digest"
+    location = await start(http, name)
+    async with http.put(location, params={"digest": sha256(b"other")}, data=b"bytes") as response:
+        assert response.status == 400
+        error = (await response.json())["errors"][0]
+        assert error["code"] == "DIGEST_INVALID"
+    async with http.head(f"/v2/{name}/blobs/{sha256(b'other')}") as response:
+        assert response.status == 404
+
+
+async def test_cancel_makes_the_upload_unknown(http):
+    name = "registry/cancel"
+    location = await start(http, name)
+    async with http.patch(location, data=b"abandoned") as response:
+        assert response.status == 202
+    async with http.delete(location) as response:
+        assert response.status == 204
+    async with http.get(location) as response:
+        assert response.status == 404
+        assert (await response.json())["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    async with http.delete(location) as response:
+        assert response.status == 404
+
+
+async def test_mount_falls_back_to_an_upload_and_same_repository_is_created(http):
+    name = "registry/mount"
+    data = b"mount me"
+    digest = sha256(data)
+    # Nothing to mount yet: the spec's fallback, a new upload session.
+    async with http.post(
+        f"/v2/{name}/blobs/uploads/", params={"mount": digest, "from": "registry/nowhere"}
+    ) as response:
+        assert response.status == 202
+        location = response.headers["Location"]
+    async with http.put(location, params={"digest": digest}, data=data) as response:
+        assert response.status == 201
+    # Already in the repository: mounted at once, nothing to copy.
+    async with http.post(f"/v2/{name}/blobs/uploads/", params={"mount": digest}) as response:
+        assert response.status == 201
+        assert response.headers["Docker-Content-Digest"] == digest
+        assert response.headers["Location"] == f"/v2/{name}/blobs/{digest}"
+
+
+async def test_unlink_of_an_unknown_blob_is_404(http):
+    async with http.delete(f"/v2/registry/unlink/blobs/{sha256(b'never pushed')}") as response:
+        assert response.status == 404
+        assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+async def wait_for_offset(http: aiohttp.ClientSession, location: str, offset: int) -> None:
+    """Polls the upload until this replica's index shows the offset (it follows the log)."""
+    deadline = time.monotonic() + 60
+    while True:
+        async with http.get(location) as response:
+            if response.status == 204 and response.headers["Range"] == f"0-{offset - 1}":
+                return
+        assert time.monotonic() < deadline, f"{location} never reached offset {offset}"
+        await asyncio.sleep(0.1)
+
+
+async def test_an_upload_moves_between_registry_processes(http, settings, tmp_path_factory):
+    """The session's state lives in the log: a second process (its own index) continues it."""
+    other = registry_process(settings, tmp_path_factory).start()
+    try:
+        await wait_for_query(other.settings, url=other.settings.registry_url)
+        name = "registry/replicas"
+        data = os.urandom(MIB + 10)
+        location = await start(http, name)
+        async with http.patch(location, data=data[:MIB]) as response:
+            assert response.status == 202
+        async with aiohttp.ClientSession(base_url=other.settings.registry_url) as second:
+            await wait_for_offset(second, location, MIB)
+            headers = {"Content-Range": f"{MIB}-{len(data) - 1}"}
+            async with second.patch(location, data=data[MIB:], headers=headers) as response:
+                assert response.status == 202, await response.text()
+        # The first process learns of the second's chunk from the log, then finishes.
+        await wait_for_offset(http, location, len(data))
+        async with http.put(location, params={"digest": sha256(data)}) as response:
+            assert response.status == 201, await response.text()
+        assert await blob_of(http, name, sha256(data)) == data
+    finally:
+        other.stop()
