@@ -1,8 +1,7 @@
 """Manifest PUT and DELETE on the registry: every check made before a command is sent.
 
-These need no repository worker: each request is refused before PutManifest is produced. The
-end-to-end ones at the bottom need the worker and the read side's index tables (pieces 1 and 2)
-and are skipped until Index.outcome exists.
+Most are refused before PutManifest is produced; the ones at the bottom go end to end through
+the upload worker and the registry's own projection.
 """
 
 from __future__ import annotations
@@ -16,18 +15,12 @@ import aiohttp
 import pytest
 
 from services.oci.manifest import MAX_DESCRIPTORS, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST
-from services.query.index import Index
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 CONFIG = b'{"architecture":"amd64","os":"linux"}'
 LAYER = b"a layer's bytes"
 NAME = "manifests/app"
-
-needs_repository_side = pytest.mark.skipif(
-    not hasattr(Index, "outcome"), reason="needs the repository worker and read side (1 and 2)"
-)
-
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -198,7 +191,6 @@ async def test_deletes_refuse_bad_references(http):
 # End to end: these need pieces 1 and 2 (the repository worker and the read side's tables).
 
 
-@needs_repository_side
 async def test_put_by_tag_then_delete(http, pushed):
     subject = sha256(b"some subject")
     body = image(subject={"mediaType": OCI_MANIFEST, "digest": subject, "size": 12})
@@ -217,14 +209,12 @@ async def test_put_by_tag_then_delete(http, pushed):
         assert response.status == 404
 
 
-@needs_repository_side
 async def test_two_clients_move_one_tag_at_once(http, pushed):
     first, second = image(annotations={"n": "1"}), image(annotations={"n": "2"})
     answers = await asyncio.gather(put(http, "race", first), put(http, "race", second))
     assert [status for status, _, _ in answers] == [201, 201]
 
 
-@needs_repository_side
 async def test_an_index_names_only_stored_manifests(http, pushed):
     child = image()
     body = json.dumps(

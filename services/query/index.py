@@ -112,6 +112,7 @@ CREATE TABLE IF NOT EXISTS blob_links (
     unlinked_at INTEGER,
     PRIMARY KEY (repository, digest)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blob_links_by_digest ON blob_links (digest);
 -- What each repository command did, for the registry's write side to wait on; in log order.
 CREATE TABLE IF NOT EXISTS outcomes (
     command_id   TEXT NOT NULL,
@@ -274,18 +275,21 @@ class Index:
         )
         return LayerRow(*row) if row else None
 
-    def layer_anywhere(self, digest: str) -> LayerRow | None:
-        """The blob in any repository: the registry's automatic content discovery for mounts."""
-        row = (
-            self._connection()
-            .execute(
-                "SELECT repository, digest, size, object_key, committed_at FROM layers "
-                "WHERE digest = ? LIMIT 1",
+    def blob_anywhere(self, digest: str) -> LayerRow | None:
+        """The blob as some repository has it: the registry's automatic content discovery."""
+        db = self._connection()
+        linked = db.execute(
+            f"SELECT repository FROM blob_links WHERE digest = ? AND {_LINKED} LIMIT 1", (digest,)
+        ).fetchone()
+        if linked is None:
+            # An index from before blob links existed has layers rows only.
+            linked = db.execute(
+                "SELECT l.repository FROM layers l WHERE l.digest = ? AND NOT EXISTS (SELECT 1 "
+                "FROM blob_links b WHERE b.repository = l.repository AND b.digest = l.digest) "
+                "LIMIT 1",
                 (digest,),
-            )
-            .fetchone()
-        )
-        return LayerRow(*row) if row else None
+            ).fetchone()
+        return None if linked is None else self.blob(linked[0], digest)
 
     def upload(self, upload_id: str) -> UploadRow | None:
         row = (

@@ -149,7 +149,7 @@ class Manifests:
         command: RepositoryCommand
         if is_digest(reference):
             digest = str(_digest_reference(reference))
-            known = await asyncio.to_thread(self.index.manifest, name, digest)  # type: ignore[attr-defined]
+            known = await asyncio.to_thread(self.index.manifest, name, digest)
             command = DeleteManifest(repository=name, digest=digest)
         else:
             try:
@@ -157,7 +157,7 @@ class Manifests:
             except InvalidReference:
                 known = None  # no tag outside the grammar was ever stored
             else:
-                known = await asyncio.to_thread(self.index.tag, name, reference)  # type: ignore[attr-defined]
+                known = await asyncio.to_thread(self.index.tag, name, reference)
             command = DeleteTag(repository=name, tag=reference)
         if known is None:
             raise RegistryError(
@@ -174,19 +174,19 @@ class Manifests:
         for descriptor in blobs:
             if descriptor.digest not in seen:
                 seen.add(descriptor.digest)
-                if self.index.layer(name, descriptor.digest) is None:
+                if self.index.blob(name, descriptor.digest) is None:
                     return descriptor.digest
         for descriptor in manifest.manifests:
             if descriptor.digest not in seen:
                 seen.add(descriptor.digest)
-                if self.index.manifest(name, descriptor.digest) is None:  # type: ignore[attr-defined]
+                if self.index.manifest(name, descriptor.digest) is None:
                     return descriptor.digest
         return None
 
     async def _apply(self, command: RepositoryCommand, what: str) -> Outcome:
         await self.log.deliver(command)
         outcome = await await_outcome(
-            self.watch, self.index, command.command_id, what, DURABLE_SECONDS
+            self.watch, self.index, command, what, DURABLE_SECONDS
         )
         if not outcome.applied:
             status, code = _REFUSALS.get(outcome.reason or "", (400, errors.MANIFEST_INVALID))

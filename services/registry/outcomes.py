@@ -1,14 +1,29 @@
 """What became of a repository command, as this process's index records it.
 
-The read side projects repository events into the index, including each command's outcome by
-command id. This module is the one place that knows the shape of that row, so the write routes
-depend only on Outcome.
+The read side projects each repository event's caused_by into Index.outcome. A command's events
+are published in one transaction but may reach the projection in two batches, so a command
+counts as applied only once the last event it produces is in the index.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.core.records import (
+    BlobMounted,
+    BlobUnlinked,
+    DeleteManifest,
+    DeleteTag,
+    ManifestDeleted,
+    ManifestStored,
+    MountBlob,
+    PutManifest,
+    RepositoryCommand,
+    TagDeleted,
+    TagMoved,
+    UnlinkBlob,
+)
+from services.oci.references import is_digest
 from services.query.index import Index
 from services.registry.commandlog import Watcher
 
@@ -20,18 +35,32 @@ class Outcome:
     detail: str | None
 
 
-def read_outcome(index: Index, command_id: str) -> Outcome | None:
-    """None until the command's events are projected."""
-    # Assumed from the design: Index.outcome(command_id) -> a row with .state ("applied" or
-    # "rejected"), .reason and .detail, written in the same transaction as the command's
-    # effects, so that once it is seen every read of this index sees the change too.
-    row = index.outcome(command_id)  # type: ignore[attr-defined]
+def last_event(command: RepositoryCommand) -> str:
+    """The name of the last event the worker publishes for an applied command."""
+    if isinstance(command, PutManifest):
+        return ManifestStored.__name__ if is_digest(command.reference) else TagMoved.__name__
+    last = {
+        DeleteManifest: ManifestDeleted,
+        DeleteTag: TagDeleted,
+        MountBlob: BlobMounted,
+        UnlinkBlob: BlobUnlinked,
+    }[type(command)]
+    return last.__name__
+
+
+def read_outcome(index: Index, command: RepositoryCommand) -> Outcome | None:
+    """None until the command's refusal, or all of its events, are projected."""
+    row = index.outcome(command.command_id)
     if row is None:
         return None
-    return Outcome(applied=row.state == "applied", reason=row.reason, detail=row.detail)
+    if not row.applied:
+        return Outcome(applied=False, reason=row.reason, detail=row.detail)
+    if last_event(command) not in row.kinds:
+        return None
+    return Outcome(applied=True, reason=None, detail=None)
 
 
 async def await_outcome(
-    watch: Watcher, index: Index, command_id: str, what: str, timeout: float
+    watch: Watcher, index: Index, command: RepositoryCommand, what: str, timeout: float
 ) -> Outcome:
-    return await watch.until(lambda: read_outcome(index, command_id), timeout, what)
+    return await watch.until(lambda: read_outcome(index, command), timeout, what)

@@ -28,11 +28,10 @@ log = logging.getLogger(__name__)
 def build_app(
     settings: Settings, index: Index, projection: Projection, commands: CommandLog
 ) -> web.Application:
-    # QueryApi brings blob HEAD/GET, /healthz and /metrics (and its request metrics middleware).
+    # The read side is the query service's app: blob HEAD/GET, the OCI read routes (GET /v2/,
+    # manifests, tags, catalog, referrers), /healthz and /metrics. The write routes join it.
     app = QueryApi(index, ObjectStore(settings), projection, redirect=settings.blob_redirect).app()
     WriteApi(settings, index, commands, Watcher(projection)).add_routes(app.router)
-    # The OCI read routes (GET /v2/, manifests GET/HEAD, tags, catalog, referrers) join here,
-    # one line, once services/query/oci.py lands.
     return app
 
 

@@ -26,6 +26,7 @@ from services.core.records import (
     FinishUpload,
     MountBlob,
     RejectReason,
+    RepositoryCommand,
     StartUpload,
     UnlinkBlob,
 )
@@ -196,23 +197,23 @@ class Uploads:
         """201 once the blob is linked into name; None to fall back to an upload, as the spec
         says a registry that cannot mount does."""
         digest = digest_param(digest_text)
-        if await asyncio.to_thread(self.index.layer, name, digest) is not None:
+        if await asyncio.to_thread(self.index.blob, name, digest) is not None:
             return web.Response(status=201, headers=blob_headers(name, digest))
         if source is not None:
             try:
                 check_repository(source)
             except InvalidName:
                 return None
-            found = await asyncio.to_thread(self.index.layer, source, digest)
+            found = await asyncio.to_thread(self.index.blob, source, digest)
         else:
             # Automatic content discovery: any repository holding the blob will do, for now
             # (with logins, only one the client may read).
-            found = await asyncio.to_thread(self.index.layer_anywhere, digest)
+            found = await asyncio.to_thread(self.index.blob_anywhere, digest)
         if found is None:
             return None
         command = MountBlob(repository=name, digest=digest, source_repository=source)
         await self.log.deliver(command)
-        outcome = await self._outcome(command.command_id, "the mount")
+        outcome = await self._outcome(command, "the mount")
         if not outcome.applied:
             return None  # unlinked meanwhile: an upload it is
         return web.Response(status=201, headers=blob_headers(name, digest))
@@ -269,11 +270,11 @@ class Uploads:
     async def unlink(self, request: web.Request) -> web.Response:
         name = repository_of(request)
         digest = digest_param(request.match_info["digest"])
-        if await asyncio.to_thread(self.index.layer, name, digest) is None:
+        if await asyncio.to_thread(self.index.blob, name, digest) is None:
             raise RegistryError(404, errors.BLOB_UNKNOWN, f"no blob {digest} in {name}")
         command = UnlinkBlob(repository=name, digest=digest)
         await self.log.deliver(command)
-        outcome = await self._outcome(command.command_id, "the unlink")
+        outcome = await self._outcome(command, "the unlink")
         if not outcome.applied:
             raise RegistryError(404, errors.BLOB_UNKNOWN, outcome.detail or f"no blob {digest}")
         return web.Response(status=202, headers={"Content-Length": "0"})
@@ -410,8 +411,8 @@ class Uploads:
             raise _failure(seen)
         raise _unknown_upload(upload_id, f"is {seen.state}")
 
-    async def _outcome(self, command_id: str, what: str) -> Outcome:
-        return await await_outcome(self.watch, self.index, command_id, what, DURABLE_SECONDS)
+    async def _outcome(self, command: RepositoryCommand, what: str) -> Outcome:
+        return await await_outcome(self.watch, self.index, command, what, DURABLE_SECONDS)
 
 
 def _offset(row: UploadRow) -> int:
