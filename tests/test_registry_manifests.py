@@ -22,6 +22,7 @@ CONFIG = b'{"architecture":"amd64","os":"linux"}'
 LAYER = b"a layer's bytes"
 NAME = "manifests/app"
 
+
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

@@ -185,9 +185,7 @@ class Manifests:
 
     async def _apply(self, command: RepositoryCommand, what: str) -> Outcome:
         await self.log.deliver(command)
-        outcome = await await_outcome(
-            self.watch, self.index, command, what, DURABLE_SECONDS
-        )
+        outcome = await await_outcome(self.watch, self.index, command, what, DURABLE_SECONDS)
         if not outcome.applied:
             status, code = _REFUSALS.get(outcome.reason or "", (400, errors.MANIFEST_INVALID))
             raise RegistryError(status, code, outcome.detail or f"{what} was refused")
