@@ -15,10 +15,11 @@ import uuid
 from aiokafka.structs import ConsumerRecord
 
 from services.core.codec import CODEC
-from services.core.objectstore import ObjectStore
-from services.core.records import AppendChunk, Command, FinishUpload, StartUpload
+from services.core.objectstore import S3_MAX_UPLOADS_PAGE, ObjectStore
+from services.core.records import AppendChunk, Command, ExpireUpload, FinishUpload, StartUpload
 from services.upload_worker.handler import CommandHandler
 from services.upload_worker.staging import StagingArea, Status
+from tests.test_objectstore import open_uploads
 
 MIB = 1 << 20
 
@@ -179,3 +180,17 @@ async def test_a_batch_replayed_after_its_multipart_upload_completed(settings, s
     state = await StagingArea(store, settings.part_size).load(upload.id)
     assert state is not None and state.status == Status.FINISHED
     assert state.finish["staged_size"] == len(upload.data)
+
+
+async def test_expiry_aborts_every_multipart_upload_of_the_layer(settings, store):
+    # Crashes between creating a multipart upload and saving the state can leave more uploads
+    # on a layer's key than one listing page holds; expiry must abort past the first page too.
+    handler = CommandHandler(settings, StagingArea(store, settings.part_size))
+    upload = Upload()
+    await apply(handler, records([upload.start(), upload.append(b"abandoned")], 0))
+    key = f"uploads/{upload.id}/data"
+    await open_uploads(store, [key] * (S3_MAX_UPLOADS_PAGE + 5))
+    expire = ExpireUpload(upload_id=upload.id, repository="staging/test", ttl_seconds=0)
+    assert event_names(await apply(handler, records([expire], 2))) == ["UploadExpired"]
+    assert await store.multipart_uploads(key) == []
+    assert await store.list_keys(f"uploads/{upload.id}/") == []
