@@ -21,6 +21,7 @@ from minio import Minio
 from minio.commonconfig import ENABLED, Filter
 from minio.datatypes import ListMultipartUploadsResult, Part
 from minio.error import S3Error, ServerError
+from minio.helpers import DictType
 from minio.lifecycleconfig import AbortIncompleteMultipartUpload, LifecycleConfig, Rule
 
 from services.core.settings import Settings
@@ -209,13 +210,15 @@ class ObjectStore:
     # Whole objects
 
     async def put(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+        # minio's metadata values may also be lists; a copy typed as its DictType says so.
+        headers: DictType | None = {**metadata} if metadata is not None else None
         await asyncio.to_thread(
             self.client.put_object,
             self.bucket,
             key,
             io.BytesIO(data),
             len(data),
-            metadata=metadata,  # type: ignore[arg-type]
+            metadata=headers,
         )
 
     async def get(self, key: str, offset: int = 0, length: int = 0) -> bytes:
