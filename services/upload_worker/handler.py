@@ -447,15 +447,15 @@ def _closed_fields(
     command: Command, state: UploadState, closing: Closing, kind: str
 ) -> _ClosedFields:
     """What UploadCancelled and UploadExpired both say."""
-    return _ClosedFields(
-        event_id=derived_id(command.command_id, kind),
-        upload_id=command.upload_id,
-        repository=state.repository,
-        caused_by=command.command_id,
-        durable_offset=closing.durable_offset,
-        occurred_at=at_ms(closing.at_ms),
-        prev_hash=closing.prev_hash,
-    )
+    return {
+        "event_id": derived_id(command.command_id, kind),
+        "upload_id": command.upload_id,
+        "repository": state.repository,
+        "caused_by": command.command_id,
+        "durable_offset": closing.durable_offset,
+        "occurred_at": at_ms(closing.at_ms),
+        "prev_hash": closing.prev_hash,
+    }
 
 
 def _hash(event: Event) -> str:
