@@ -245,13 +245,15 @@ async def delete_topics(settings: Settings) -> None:
 
 async def delete_bucket(settings: Settings) -> None:
     store = ObjectStore(settings)
+    if not await asyncio.to_thread(store.client.bucket_exists, store.bucket):
+        return
+    # Through the seam, which reads every page: a bucket keeping one upload past the first
+    # 1,000 cannot be removed.
+    for upload in await store.multipart_uploads(""):
+        await store.abort_multipart(upload.key, upload.upload_id)
 
     def remove() -> None:
         client = store.client
-        if not client.bucket_exists(store.bucket):
-            return
-        for upload in client._list_multipart_uploads(store.bucket).uploads:
-            client._abort_multipart_upload(store.bucket, upload.object_name, upload.upload_id)
         for item in client.list_objects(store.bucket, recursive=True):
             client.remove_object(store.bucket, item.object_name)
         client.remove_bucket(store.bucket)

@@ -9,22 +9,27 @@ handler the way the processor does and check what lands in S3, and that a batch 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 
 from aiokafka.structs import ConsumerRecord
 
 from services.core.codec import CODEC
-from services.core.objectstore import ObjectStore
+from services.core.objectstore import S3_MAX_UPLOADS_PAGE, ObjectStore
 from services.core.records import (
     AppendChunk,
     Command,
+    CommandRejected,
+    ExpireUpload,
     FinishUpload,
+    RejectReason,
     RepositoryCommand,
     StartUpload,
 )
 from services.upload_worker.handler import CommandHandler
-from services.upload_worker.staging import StagingArea, Status
+from services.upload_worker.staging import Closing, Finish, StagingArea, Status, UploadState
+from tests.test_objectstore import open_uploads
 
 MIB = 1 << 20
 
@@ -189,4 +194,101 @@ async def test_a_batch_replayed_after_its_multipart_upload_completed(settings, s
     assert await store.get(f"uploads/{upload.id}/data") == bytes(upload.data)
     state = await StagingArea(store, settings.part_size).load(upload.id)
     assert state is not None and state.status == Status.FINISHED
-    assert state.finish["staged_size"] == len(upload.data)
+    assert state.finish is not None and state.finish.staged_size == len(upload.data)
+
+
+async def test_expiry_aborts_every_multipart_upload_of_the_layer(settings, store):
+    # Crashes between creating a multipart upload and saving the state can leave more uploads
+    # on a layer's key than one listing page holds; expiry must abort past the first page too.
+    handler = CommandHandler(settings, StagingArea(store, settings.part_size))
+    upload = Upload()
+    await apply(handler, records([upload.start(), upload.append(b"abandoned")], 0))
+    key = f"uploads/{upload.id}/data"
+    await open_uploads(store, [key] * (S3_MAX_UPLOADS_PAGE + 5))
+    expire = ExpireUpload(upload_id=upload.id, repository="staging/test", ttl_seconds=0)
+    assert event_names(await apply(handler, records([expire], 2))) == ["UploadExpired"]
+    assert await store.multipart_uploads(key) == []
+    assert await store.list_keys(f"uploads/{upload.id}/") == []
+
+
+async def test_a_chunk_past_the_part_limit_is_refused_and_the_worker_goes_on(settings, store):
+    # S3 allows 10,000 parts per object; with 3 here, the layer holds at least 3 parts of 5 MiB.
+    staging = StagingArea(store, settings.part_size, max_parts=3)
+    handler = CommandHandler(settings, staging)
+    upload, other = Upload(), Upload()
+    chunks = [upload.append(os.urandom(MIB)) for _ in range(15)]  # exactly three 5 MiB parts
+    first = records([upload.start(), *chunks, other.start()], 0)
+    await apply(handler, first)
+    before = (await StagingArea(store, settings.part_size).load(upload.id)).to_json()
+
+    over = upload.append(b"one byte too many")
+    upload.data = upload.data[: -len(over.data)]
+    batch = records([over, other.append(b"small layer"), other.finish()], len(first))
+    [rejected, *rest] = [CODEC.decode(value) for value in await apply(handler, batch)]
+    assert isinstance(rejected, CommandRejected)
+    assert rejected.reason == RejectReason.LAYER_TOO_LARGE
+    assert str(staging.largest_layer) in rejected.detail and "(3)" in rejected.detail
+    assert [type(e).__name__ for e in rest] == ["ChunkAppended", "UploadFinished"]
+    assert (await StagingArea(store, settings.part_size).load(upload.id)).to_json() == before
+
+    finished = records([upload.finish()], len(first) + len(batch))
+    assert event_names(await apply(handler, finished)) == ["UploadFinished"]
+    assert await store.get(f"uploads/{upload.id}/data") == bytes(upload.data)
+    assert await store.get(f"uploads/{other.id}/data") == b"small layer"
+
+
+def test_a_state_stored_before_states_were_typed_still_loads():
+    # upload-state/<uuid>.json as the worker wrote it when finish and closing were dicts ({} for
+    # "none yet") and the status a plain string.
+    finished = {
+        "upload_id": "9e1c3d52-58f3-4d0c-a7c1-2a2a4ef0c6b1",
+        "repository": "library/old",
+        "status": "finished",
+        "multipart_id": "",
+        "started_by": "c1",
+        "created_ms": 1,
+        "updated_ms": 3,
+        "parts": [],
+        "pending": [],
+        "ledger": [
+            {
+                "offset": 0,
+                "length": 5,
+                "sha256": "ab",
+                "command_id": "c2",
+                "durable_after": 5,
+                "source": "0@1",
+                "at_ms": 2,
+                "prev_hash": "h1",
+            }
+        ],
+        "closed_by": "c3",
+        "started_from": "0@0",
+        "closed_from": "0@2",
+        "finish": {
+            "command_id": "c3",
+            "source": "0@2",
+            "size": 5,
+            "digest": "sha256:ab",
+            "staged_size": 5,
+            "at_ms": 3,
+            "prev_hash": "h2",
+        },
+        "closing": {},
+        "chain_head": "h3",
+    }
+    state = UploadState.from_json(json.dumps(finished).encode())
+    assert state.status is Status.FINISHED and state.closing is None
+    assert state.finish == Finish("c3", "0@2", 5, "sha256:ab", 5, 3, "h2")
+    assert json.loads(state.to_json()) == {**finished, "closing": None}
+
+    cancelled = {
+        **finished,
+        "status": "cancelled",
+        "finish": {},
+        "closing": {"at_ms": 4, "prev_hash": "h2", "durable_offset": 5, "idle_seconds": 0},
+    }
+    state = UploadState.from_json(json.dumps(cancelled).encode())
+    assert state.status is Status.CANCELLED and state.finish is None
+    assert state.closing == Closing(at_ms=4, prev_hash="h2", durable_offset=5, idle_seconds=0)
+    assert UploadState.from_json(state.to_json()) == state

@@ -1,7 +1,10 @@
-"""Object-store access: a few verbs over the S3 API, each run in a thread.
+"""Object-store access: the one seam between the services and S3.
 
-The minio client is blocking, so every call goes through asyncio.to_thread; the services never talk
-to a particular S3 server's internals, so AWS, Ceph, MinIO, SeaweedFS or versitygw all work.
+`LayerStorage` names the verbs the services need (whole objects, listings, and the multipart
+uploads that stage an upload in progress), and `ObjectNotFound` the one failure they act on;
+`ObjectStore` implements them with minio against one bucket. The minio client is blocking, so
+every call goes through asyncio.to_thread; the services never talk to a particular S3 server's
+internals, so AWS, Ceph, MinIO, SeaweedFS or versitygw all work.
 """
 
 from __future__ import annotations
@@ -11,17 +14,23 @@ import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple, Protocol
 
 import urllib3
 from minio import Minio
 from minio.commonconfig import ENABLED, Filter
-from minio.datatypes import Part
+from minio.datatypes import ListMultipartUploadsResult, Part
 from minio.error import S3Error, ServerError
+from minio.helpers import DictType
 from minio.lifecycleconfig import AbortIncompleteMultipartUpload, LifecycleConfig, Rule
 
 from services.core.settings import Settings
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchUpload", "NoSuchBucket", "NotFound"})
+# S3 numbers an object's parts 1..10,000: a multipart upload can have no more parts than this.
+S3_MAX_PARTS = 10_000
+# ListMultipartUploads answers at most this many uploads a page.
+S3_MAX_UPLOADS_PAGE = 1000
 
 
 class ObjectNotFound(LookupError):
@@ -40,6 +49,107 @@ class ObjectInfo:
     key: str
     size: int
     metadata: dict[str, str]
+
+
+class MultipartUpload(NamedTuple):
+    """An incomplete multipart upload: its object key and S3 upload id."""
+
+    key: str
+    upload_id: str
+
+
+class LayerStorage(Protocol):
+    """What the services need from object storage; raises ObjectNotFound for a missing key or
+    multipart upload, and other errors (see is_transient) when the server fails."""
+
+    async def put(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None: ...
+    async def get(self, key: str, offset: int = 0, length: int = 0) -> bytes: ...
+    def stream(
+        self, key: str, offset: int = 0, length: int = 0, chunk_size: int = 1 << 20
+    ) -> AsyncIterator[bytes]: ...
+    async def stat(self, key: str) -> ObjectInfo: ...
+    async def delete(self, key: str) -> None: ...
+    async def delete_prefix(self, prefix: str) -> int: ...
+    async def list_keys(self, prefix: str) -> list[str]: ...
+    async def list_modified(self, prefix: str) -> list[tuple[str, float]]: ...
+    async def start_multipart(self, key: str) -> str: ...
+    async def put_part(self, key: str, upload_id: str, number: int, data: bytes) -> StagedPart: ...
+    async def complete_multipart(
+        self, key: str, upload_id: str, parts: list[StagedPart]
+    ) -> None: ...
+    async def abort_multipart(self, key: str, upload_id: str) -> None: ...
+    async def multipart_uploads(self, prefix: str) -> list[MultipartUpload]: ...
+
+
+class _MinioMultipart:
+    """The only caller of minio's private multipart methods.
+
+    minio's public API has no multipart verbs that take parts one at a time (put_object drives a
+    whole stream itself), so these five private methods are used, here and nowhere else. Their
+    signatures are those of minio 7.2.20, the version pyproject.toml pins exactly;
+    tests/test_stack.py and tests/test_objectstore.py exercise each of them against the real S3.
+    """
+
+    def __init__(self, client: Minio, bucket: str) -> None:
+        self.client = client
+        self.bucket = bucket
+
+    def create(self, key: str) -> str:
+        return self.client._create_multipart_upload(self.bucket, key, {})
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        return self.client._upload_part(self.bucket, key, data, None, upload_id, number)
+
+    def complete(self, key: str, upload_id: str, parts: list[StagedPart]) -> None:
+        self.client._complete_multipart_upload(
+            self.bucket, key, upload_id, [Part(p.number, p.etag) for p in parts]
+        )
+
+    def abort(self, key: str, upload_id: str) -> None:
+        self.client._abort_multipart_upload(self.bucket, key, upload_id)
+
+    def list_all(self, prefix: str) -> list[MultipartUpload]:
+        """Every incomplete multipart upload under prefix, page after page."""
+        found: dict[MultipartUpload, None] = {}  # ordered, and a page read twice adds nothing
+        marker: MultipartUpload | None = None
+        while True:
+            page = self._page(prefix, marker, found)
+            uploads = [MultipartUpload(u.object_name, u.upload_id) for u in page.uploads]
+            new = [u for u in uploads if u not in found]
+            found.update(dict.fromkeys(new))
+            if not page.is_truncated or not new:
+                return list(found)
+            # minio 7.2.20 drops NextUploadIdMarker (it sets a misspelt attribute), but without
+            # a delimiter the next markers are those of the page's last upload.
+            marker = uploads[-1]
+
+    def _page(
+        self, prefix: str, marker: MultipartUpload | None, found: dict[MultipartUpload, None]
+    ) -> ListMultipartUploadsResult:
+        if marker is None:
+            return self._list(prefix, "", "")
+        try:
+            return self._list(prefix, marker.key, marker.upload_id)
+        except S3Error as error:
+            if error.code != "InvalidArgument":
+                raise
+        # versitygw (v1.7.0) reads upload-id-marker as an upload of the first key *after*
+        # key-marker and refuses the markers AWS defines; asked its way, with the last key
+        # listed before the marker's, it goes on after the same upload. No key lies between
+        # that one and the marker's (the listing is in key order), so nothing is skipped.
+        earlier = [u.key for u in found if u.key < marker.key]
+        return self._list(prefix, max(earlier) if earlier else marker.key[:-1], marker.upload_id)
+
+    def _list(
+        self, prefix: str, key_marker: str, upload_id_marker: str
+    ) -> ListMultipartUploadsResult:
+        return self.client._list_multipart_uploads(
+            self.bucket,
+            prefix=prefix,
+            max_uploads=S3_MAX_UPLOADS_PAGE,
+            key_marker=key_marker or None,
+            upload_id_marker=upload_id_marker or None,
+        )
 
 
 class ObjectStore:
@@ -64,6 +174,7 @@ class ObjectStore:
             region=settings.s3_region,
             http_client=http,
         )
+        self._multipart = _MinioMultipart(self.client, self.bucket)
 
     # Bucket
 
@@ -99,13 +210,15 @@ class ObjectStore:
     # Whole objects
 
     async def put(self, key: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+        # minio's metadata values may also be lists; a copy typed as its DictType says so.
+        headers: DictType | None = {**metadata} if metadata is not None else None
         await asyncio.to_thread(
             self.client.put_object,
             self.bucket,
             key,
             io.BytesIO(data),
             len(data),
-            metadata=metadata,  # type: ignore[arg-type]
+            metadata=headers,
         )
 
     async def get(self, key: str, offset: int = 0, length: int = 0) -> bytes:
@@ -194,12 +307,12 @@ class ObjectStore:
     # Multipart uploads: the staging area of an upload in progress
 
     async def start_multipart(self, key: str) -> str:
-        return await asyncio.to_thread(self.client._create_multipart_upload, self.bucket, key, {})
+        return await asyncio.to_thread(self._multipart.create, key)
 
     async def put_part(self, key: str, upload_id: str, number: int, data: bytes) -> StagedPart:
         def upload() -> StagedPart:
             try:
-                etag = self.client._upload_part(self.bucket, key, data, None, upload_id, number)
+                etag = self._multipart.upload_part(key, upload_id, number, data)
             except S3Error as error:
                 raise _translate(error, key) from error
             return StagedPart(number, etag, len(data))
@@ -209,9 +322,7 @@ class ObjectStore:
     async def complete_multipart(self, key: str, upload_id: str, parts: list[StagedPart]) -> None:
         def complete() -> None:
             try:
-                self.client._complete_multipart_upload(
-                    self.bucket, key, upload_id, [Part(p.number, p.etag) for p in parts]
-                )
+                self._multipart.complete(key, upload_id, parts)
             except S3Error as error:
                 raise _translate(error, key) from error
 
@@ -220,21 +331,16 @@ class ObjectStore:
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         def abort() -> None:
             try:
-                self.client._abort_multipart_upload(self.bucket, key, upload_id)
+                self._multipart.abort(key, upload_id)
             except S3Error as error:
                 if error.code not in NOT_FOUND_CODES:
                     raise
 
         await asyncio.to_thread(abort)
 
-    async def multipart_uploads(self, prefix: str) -> list[tuple[str, str]]:
-        """(key, upload id) of every incomplete multipart upload under prefix."""
-
-        def list_uploads() -> list[tuple[str, str]]:
-            result = self.client._list_multipart_uploads(self.bucket, prefix=prefix)
-            return [(u.object_name, u.upload_id) for u in result.uploads]
-
-        return await asyncio.to_thread(list_uploads)
+    async def multipart_uploads(self, prefix: str) -> list[MultipartUpload]:
+        """Every incomplete multipart upload under prefix (all pages, not the first 1,000)."""
+        return await asyncio.to_thread(self._multipart.list_all, prefix)
 
     def _open(self, key: str, offset: int, length: int) -> urllib3.BaseHTTPResponse:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 
 
 def now() -> datetime:
@@ -131,7 +132,7 @@ class LayerCommitted(Event):
     blob_sha256: str
 
 
-class FailureReason:
+class FailureReason(StrEnum):
     INVALID_DIGEST = "INVALID_DIGEST"
     INVALID_LENGTH = "INVALID_LENGTH"
     TARSUM_VERSION_UNSUPPORTED = "TARSUM_VERSION_UNSUPPORTED"
@@ -158,7 +159,11 @@ class UploadExpired(Event):
     idle_seconds: int
 
 
-class RejectReason:
+# The reasons are StrEnums: each member is its wire string, so events, metrics labels and JSON
+# carry the same text as before, and the Avro fields stay plain strings.
+
+
+class RejectReason(StrEnum):
     UNKNOWN_UPLOAD = "UNKNOWN_UPLOAD"
     UPLOAD_EXISTS = "UPLOAD_EXISTS"
     OFFSET_MISMATCH = "OFFSET_MISMATCH"
@@ -171,6 +176,8 @@ class RejectReason:
     INVALID_SIZE = "INVALID_SIZE"
     CHUNK_CONFLICT = "CHUNK_CONFLICT"
     REPOSITORY_MISMATCH = "REPOSITORY_MISMATCH"
+    # The chunk would need a multipart part past the most S3 allows (10,000) for one object.
+    LAYER_TOO_LARGE = "LAYER_TOO_LARGE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,7 +325,7 @@ class BlobUnlinked(RepositoryEvent):
     digest: str
 
 
-class RepositoryRejectReason:
+class RepositoryRejectReason(StrEnum):
     INVALID_REPOSITORY = "INVALID_REPOSITORY"
     INVALID_REFERENCE = "INVALID_REFERENCE"
     INVALID_DIGEST = "INVALID_DIGEST"
@@ -350,7 +357,7 @@ REPOSITORY_EVENT_TYPES: tuple[type[RepositoryEvent], ...] = (
 # Dead letters: bytes on the commands topic that are not a command at all.
 
 
-class DeadLetterReason:
+class DeadLetterReason(StrEnum):
     NOT_SINGLE_OBJECT_ENCODED = "NOT_SINGLE_OBJECT_ENCODED"
     UNKNOWN_FINGERPRINT = "UNKNOWN_FINGERPRINT"
     MALFORMED_AVRO = "MALFORMED_AVRO"

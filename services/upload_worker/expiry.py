@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from aiokafka import AIOKafkaProducer
+
 from services.core import kafka
 from services.core.codec import CODEC
 from services.core.eventlog import partition_for
@@ -58,7 +60,7 @@ class Expiry:
         finally:
             await producer.stop()
 
-    async def scan(self, producer) -> int:  # type: ignore[no-untyped-def]
+    async def scan(self, producer: AIOKafkaProducer) -> int:
         ttl = self.settings.upload_ttl_seconds
         owned, partitions = self.owned(), self.partition_count()
         if not owned or not partitions:

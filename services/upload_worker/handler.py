@@ -13,7 +13,8 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TypedDict
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
@@ -34,6 +35,7 @@ from services.core.records import (
     FinishUpload,
     RejectReason,
     RepositoryCommand,
+    RepositoryRejectReason,
     StartUpload,
     UploadCancelled,
     UploadExpired,
@@ -47,6 +49,8 @@ from services.digests.digest import InvalidDigest, TarSumVersionUnsupported, par
 from services.upload_worker.repositories import RepositoryCommands
 from services.upload_worker.staging import (
     ChunkRecord,
+    Closing,
+    Finish,
     StagingArea,
     Status,
     UploadState,
@@ -72,7 +76,12 @@ class Source:
 
 
 class Rejected(Exception):
-    def __init__(self, reason: str, detail: str, expected_offset: int | None = None) -> None:
+    def __init__(
+        self,
+        reason: RejectReason | RepositoryRejectReason,
+        detail: str,
+        expected_offset: int | None = None,
+    ) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
@@ -225,7 +234,7 @@ class CommandHandler:
         if applied is not None:
             # Looked up first: the upload may have been finished or cancelled since, by a later
             # command of a batch whose events did not commit and which is applied again now.
-            return self._applied_again(command, applied, state.durable_offset, src)
+            return await self._applied_again(command, applied, state.durable_offset, src)
         self._check_open(state)
         length = len(command.data)
         if length > self.settings.max_chunk_bytes:
@@ -237,7 +246,15 @@ class CommandHandler:
             raise Rejected(RejectReason.INVALID_SIZE, "empty chunk")
         durable = state.durable_offset
         if command.offset != durable:
-            return self._append_elsewhere(command, state, durable, src)
+            return await self._append_elsewhere(command, state, durable, src)
+        if not self.staging.has_room(state):
+            raise Rejected(
+                RejectReason.LAYER_TOO_LARGE,
+                f"the layer has {durable} bytes in {len(state.parts)} parts, the most S3 allows "
+                f"in one object ({self.staging.max_parts}); layers of up to "
+                f"{self.staging.largest_layer} bytes fit (LAYERLOG_PART_SIZE "
+                f"{self.staging.part_size})",
+            )
         digest = await _sha256(command.data)
         record = ChunkRecord(
             command.offset,
@@ -254,7 +271,7 @@ class CommandHandler:
         self._remember(state, src.partition)
         return [event]
 
-    def _append_elsewhere(
+    async def _append_elsewhere(
         self, command: AppendChunk, state: UploadState, durable: int, src: Source
     ) -> list[Event]:
         if command.offset > durable or command.offset < 0:
@@ -278,15 +295,15 @@ class CommandHandler:
                 f"the upload's durable offset is {durable}",
                 expected_offset=durable,
             )
-        return self._applied_again(command, applied, durable, src)
+        return await self._applied_again(command, applied, durable, src)
 
-    def _applied_again(
+    async def _applied_again(
         self, command: AppendChunk, applied: ChunkRecord, durable: int, src: Source
     ) -> list[Event]:
         if (
             applied.offset != command.offset
             or applied.length != len(command.data)
-            or hashlib.sha256(command.data).hexdigest() != applied.sha256
+            or await _sha256(command.data) != applied.sha256
         ):
             raise Rejected(
                 RejectReason.CHUNK_CONFLICT,
@@ -330,22 +347,23 @@ class CommandHandler:
                 raise Rejected(RejectReason.INVALID_DIGEST, str(error)) from None
             except TarSumVersionUnsupported:
                 pass
-            finish = {
-                "command_id": command.command_id,
-                "source": src.tag,
-                "size": command.size,
-                "digest": command.digest,
-                "staged_size": state.durable_offset,
-                "at_ms": now_ms(),
-                "prev_hash": state.chain_head,
-            }
+            finish = Finish(
+                command_id=command.command_id,
+                source=src.tag,
+                size=command.size,
+                digest=command.digest,
+                staged_size=state.durable_offset,
+                at_ms=now_ms(),
+                prev_hash=state.chain_head,
+            )
             event = self._finished(command, finish)
             state = await self.staging.finish(state, finish, _hash(event))
             self._remember(state, src.partition)
             return [event]
+        assert state.finish is not None  # a finished state always says how
         return [self._finished(command, state.finish)]
 
-    def _finished(self, command: FinishUpload, finish: dict[str, Any]) -> UploadFinished:
+    def _finished(self, command: FinishUpload, finish: Finish) -> UploadFinished:
         return UploadFinished(
             event_id=derived_id(command.command_id, "UploadFinished"),
             upload_id=command.upload_id,
@@ -353,70 +371,57 @@ class CommandHandler:
             caused_by=command.command_id,
             size=command.size,
             digest=command.digest,
-            staged_size=finish["staged_size"],
+            staged_size=finish.staged_size,
             staging_key=staging_key(command.upload_id),
-            occurred_at=at_ms(finish["at_ms"]),
-            prev_hash=finish["prev_hash"],
+            occurred_at=at_ms(finish.at_ms),
+            prev_hash=finish.prev_hash,
         )
 
     async def _cancel(self, command: CancelUpload, state: UploadState, src: Source) -> list[Event]:
-        if state.status == Status.CANCELLED and state.closed_by == command.command_id:
-            if state.closed_from != src.tag:
-                return []  # the client sent this command again: it is applied already
-            closing = state.closing  # a replay: finish the removal, publish the same event
-        else:
-            self._check_open(state)
-            closing = self._closing(state, idle_seconds=0)
-
-        event = UploadCancelled(
-            event_id=derived_id(command.command_id, "UploadCancelled"),
-            upload_id=command.upload_id,
-            repository=command.repository,
-            caused_by=command.command_id,
-            durable_offset=closing["durable_offset"],
-            occurred_at=at_ms(closing["at_ms"]),
-            prev_hash=closing["prev_hash"],
-        )
-        state = self.staging.discard(
-            state, Status.CANCELLED, command.command_id, src.tag, closing, _hash(event)
-        )
-        self._remember(state, src.partition)
-        return [event]
-
-    def _closing(self, state: UploadState, idle_seconds: int) -> dict[str, Any]:
-        return {
-            "at_ms": now_ms(),
-            "prev_hash": state.chain_head,
-            "durable_offset": state.durable_offset,
-            "idle_seconds": idle_seconds,
-        }
+        return self._close(command, state, src, Status.CANCELLED, ttl_ms=None)
 
     async def _expire(
         self, command: ExpireUpload, state: UploadState | None, src: Source
     ) -> list[Event]:
-        # Re-checked here, in the upload's own order: a chunk that arrived after the scan
-        # found the upload idle makes this a no-op. Never a rejection: no client sent it.
+        # Never a rejection: no client sent it.
         if state is None:
             return []
-        if state.status == Status.EXPIRED and state.closed_from == src.tag:
+        return self._close(command, state, src, Status.EXPIRED, ttl_ms=command.ttl_seconds * 1000)
+
+    def _close(
+        self,
+        command: CancelUpload | ExpireUpload,
+        state: UploadState,
+        src: Source,
+        status: Status,
+        ttl_ms: int | None,
+    ) -> list[Event]:
+        """Cancels the upload (ttl_ms None) or expires it if idle for ttl_ms; its staged bytes go
+        once the closed state is saved."""
+        if state.status == status and state.closed_by == command.command_id:
+            if state.closed_from != src.tag:
+                return []  # the command sent again: it is applied already
             closing = state.closing  # a replay: finish the removal, publish the same event
+            assert closing is not None  # a closed state always says how
         else:
-            idle_ms = now_ms() - state.updated_ms
-            if state.status != Status.OPEN or idle_ms < command.ttl_seconds * 1000:
-                return []
-            closing = self._closing(state, idle_seconds=idle_ms // 1000)
-        event = UploadExpired(
-            event_id=derived_id(command.command_id, "UploadExpired"),
-            upload_id=command.upload_id,
-            repository=state.repository,
-            caused_by=command.command_id,
-            durable_offset=closing["durable_offset"],
-            idle_seconds=closing["idle_seconds"],
-            occurred_at=at_ms(closing["at_ms"]),
-            prev_hash=closing["prev_hash"],
-        )
+            idle_ms = 0
+            if ttl_ms is None:
+                self._check_open(state)
+            else:
+                # Re-checked here, in the upload's own order: a chunk that arrived after the
+                # scan found the upload idle makes the expiry a no-op.
+                idle_ms = now_ms() - state.updated_ms
+                if state.status != Status.OPEN or idle_ms < ttl_ms:
+                    return []
+            closing = Closing(now_ms(), state.chain_head, state.durable_offset, idle_ms // 1000)
+        event: Event
+        if status == Status.EXPIRED:
+            fields = _closed_fields(command, state, closing, "UploadExpired")
+            event = UploadExpired(**fields, idle_seconds=closing.idle_seconds)
+        else:
+            event = UploadCancelled(**_closed_fields(command, state, closing, "UploadCancelled"))
         state = self.staging.discard(
-            state, Status.EXPIRED, command.command_id, src.tag, closing, _hash(event)
+            state, status, command.command_id, src.tag, closing, _hash(event)
         )
         self._remember(state, src.partition)
         return [event]
@@ -440,6 +445,31 @@ class CommandHandler:
             detail=rejection.detail,
             expected_offset=rejection.expected_offset,
         )
+
+
+class _ClosedFields(TypedDict):
+    event_id: str
+    upload_id: str
+    repository: str
+    caused_by: str
+    durable_offset: int
+    occurred_at: datetime
+    prev_hash: str | None
+
+
+def _closed_fields(
+    command: Command, state: UploadState, closing: Closing, kind: str
+) -> _ClosedFields:
+    """What UploadCancelled and UploadExpired both say."""
+    return {
+        "event_id": derived_id(command.command_id, kind),
+        "upload_id": command.upload_id,
+        "repository": state.repository,
+        "caused_by": command.command_id,
+        "durable_offset": closing.durable_offset,
+        "occurred_at": at_ms(closing.at_ms),
+        "prev_hash": closing.prev_hash,
+    }
 
 
 def _hash(event: Event) -> str:

@@ -19,16 +19,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
+from typing import Any
 
-from services.core.objectstore import ObjectNotFound, ObjectStore, StagedPart
+from services.core.objectstore import S3_MAX_PARTS, ObjectNotFound, ObjectStore, StagedPart
 
 # A batch whose events did not commit is applied again, and each of its chunks is recognised
 # by its ledger entry: the ledger must hold more chunks than a batch (the worker's max_records).
 LEDGER_LENGTH = 256
 
 
-class Status:
+class Status(StrEnum):  # each member is the string stored in upload-state/<uuid>.json
     OPEN = "open"
     FINISHED = "finished"
     CANCELLED = "cancelled"
@@ -55,10 +57,38 @@ class PendingChunk:
 
 
 @dataclass(frozen=True)
+class Finish:
+    """What the FinishUpload that finished the upload said, so a replay publishes it again."""
+
+    command_id: str
+    source: str  # partition@offset of the FinishUpload record
+    size: int
+    digest: str
+    staged_size: int
+    at_ms: int
+    prev_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Closing:
+    """What the UploadCancelled or UploadExpired that closed the upload said."""
+
+    at_ms: int
+    prev_hash: str | None
+    durable_offset: int
+    idle_seconds: int = 0
+
+
+def _optional(cls: type[Any], raw: dict[str, Any] | None) -> Any:
+    # States written before these were dataclasses store {} for "none yet".
+    return cls(**raw) if raw else None
+
+
+@dataclass(frozen=True)
 class UploadState:
     upload_id: str
     repository: str
-    status: str
+    status: Status
     multipart_id: str  # "" until the first part is staged
     started_by: str
     created_ms: int
@@ -69,8 +99,8 @@ class UploadState:
     closed_by: str | None = None
     started_from: str = ""  # partition@offset of the StartUpload record
     closed_from: str = ""  # partition@offset of the record that closed the upload
-    finish: dict[str, object] = field(default_factory=dict)
-    closing: dict[str, object] = field(default_factory=dict)  # what the close event said
+    finish: Finish | None = None
+    closing: Closing | None = None
     chain_head: str | None = None  # hash of the upload's last chained event
 
     @property
@@ -94,6 +124,9 @@ class UploadState:
         raw["parts"] = tuple(StagedPart(**p) for p in raw["parts"])
         raw["pending"] = tuple(PendingChunk(**c) for c in raw["pending"])
         raw["ledger"] = tuple(ChunkRecord(**c) for c in raw["ledger"])
+        raw["status"] = Status(raw["status"])
+        raw["finish"] = _optional(Finish, raw.get("finish"))
+        raw["closing"] = _optional(Closing, raw.get("closing"))
         return cls(**raw)
 
 
@@ -118,9 +151,10 @@ class StagingArea:
     removals that must wait until no saved state names what they remove.
     """
 
-    def __init__(self, store: ObjectStore, part_size: int) -> None:
+    def __init__(self, store: ObjectStore, part_size: int, max_parts: int = S3_MAX_PARTS) -> None:
         self.store = store
         self.part_size = part_size
+        self.max_parts = max_parts  # a parameter so tests can reach the limit with a few parts
         self.unsaved: dict[str, UploadState] = {}  # by upload id
         self.unwritten: dict[str, list[bytes]] = {}  # pending key -> its bytes, in pieces
         self.removals: dict[str, list[Removal]] = {}  # by upload id: run after its save
@@ -156,6 +190,19 @@ class StagingArea:
                 chain_head=chain_head,
             )
         )
+
+    def has_room(self, state: UploadState) -> bool:
+        """Whether one more chunk fits in the layer's multipart upload.
+
+        A chunk either joins the pending bytes (which finish() makes one last part) or turns them
+        into the next part; either way the layer then needs len(parts) + 1 parts. Each staged
+        part holds at least part_size bytes, so max_parts * part_size bytes always fit."""
+        return len(state.parts) < self.max_parts
+
+    @property
+    def largest_layer(self) -> int:
+        """Bytes that always fit in one layer."""
+        return self.max_parts * self.part_size
 
     async def append(
         self, state: UploadState, data: bytes, record: ChunkRecord, chain_head: str
@@ -193,9 +240,7 @@ class StagingArea:
             )
         )
 
-    async def finish(
-        self, state: UploadState, finish: dict[str, object], chain_head: str
-    ) -> UploadState:
+    async def finish(self, state: UploadState, finish: Finish, chain_head: str) -> UploadState:
         """Assembles the staged bytes into state.staging_key and marks the upload finished."""
         parts = state.parts
         try:
@@ -234,10 +279,10 @@ class StagingArea:
                 status=Status.FINISHED,
                 parts=parts,
                 pending=(),
-                closed_by=str(finish["command_id"]),
-                closed_from=str(finish["source"]),
+                closed_by=finish.command_id,
+                closed_from=finish.source,
                 finish=finish,
-                updated_ms=int(finish["at_ms"]),  # type: ignore[call-overload]
+                updated_ms=finish.at_ms,
                 chain_head=chain_head,
             )
         )
@@ -245,10 +290,10 @@ class StagingArea:
     def discard(
         self,
         state: UploadState,
-        status: str,
+        status: Status,
         command_id: str,
         source: str,
-        closing: dict[str, object],
+        closing: Closing,
         chain_head: str,
     ) -> UploadState:
         """Closes an open upload; every staged byte is removed once the closed state is saved,
@@ -265,7 +310,7 @@ class StagingArea:
                 closed_by=command_id,
                 closed_from=source,
                 closing=closing,
-                updated_ms=int(closing["at_ms"]),  # type: ignore[call-overload]
+                updated_ms=closing.at_ms,
                 chain_head=chain_head,
             )
         )
