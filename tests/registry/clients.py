@@ -7,8 +7,10 @@ A missing client fails the test with the command that installs it; nothing is sk
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -40,11 +42,14 @@ def run(
     *,
     timeout: float = CLIENT_TIMEOUT,
     env: dict[str, str] | None = None,
+    cwd: Path | None = None,
     expect_ok: bool = True,
 ) -> Done:
     """Runs ARGV; unless expect_ok is False, a non-zero exit fails the test with its stderr."""
     try:
-        done = subprocess.run(argv, capture_output=True, timeout=timeout, env=env, check=False)
+        done = subprocess.run(
+            argv, capture_output=True, timeout=timeout, env=env, cwd=cwd, check=False
+        )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{' '.join(argv)} did not finish within {timeout:.0f}s: {error.stderr!r}")
     if expect_ok and done.returncode != 0:
@@ -53,6 +58,26 @@ def run(
             + done.stderr.decode(errors="replace")[-3000:]
         )
     return done
+
+
+def run_hashing(argv: list[str], timeout: float = CLIENT_TIMEOUT) -> str:
+    """Runs ARGV and returns the sha256 of what it writes, read as it streams: a 1 GiB blob
+    never sits in the test's memory. Killed, and the test failed, after TIMEOUT."""
+    hasher = hashlib.sha256()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            while piece := process.stdout.read(1 << 20):
+                hasher.update(piece)
+            error = process.stderr.read()
+            status = process.wait()
+        finally:
+            timer.cancel()
+    if status != 0:
+        pytest.fail(f"{' '.join(argv)} exited {status}:\n{error.decode(errors='replace')[-3000:]}")
+    return "sha256:" + hasher.hexdigest()
 
 
 class Clients:
@@ -73,9 +98,9 @@ class Clients:
         argv = [client_path("crane"), "--insecure", *args]
         return run(argv, timeout=timeout, expect_ok=expect_ok)
 
-    def oras(self, *args: str, timeout: float = CLIENT_TIMEOUT, expect_ok: bool = True) -> Done:
-        argv = [client_path("oras"), *args, "--plain-http"]
-        return run(argv, timeout=timeout, expect_ok=expect_ok)
+    def oras(self, *args: str, cwd: Path | None = None, expect_ok: bool = True) -> Done:
+        # oras takes files by paths relative to its working directory (absolute ones are refused).
+        return run([client_path("oras"), *args, "--plain-http"], cwd=cwd, expect_ok=expect_ok)
 
     def regctl(self, *args: str, timeout: float = CLIENT_TIMEOUT, expect_ok: bool = True) -> Done:
         argv = [client_path("regctl"), "--host", f"reg={self.host},tls=disabled", *args]

@@ -92,18 +92,13 @@ async def registry_settings(
     settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Settings]:
     run = f"registry-{uuid.uuid4().hex[:8]}"
+    address = f"127.0.0.1:{free_port()}"
     topics = {
         f"{kind}_topic": f"test-{run}.{kind}" for kind in ("commands", "events", "dead_letter")
     }
-    port = free_port()
-    own = replace(
-        settings,
-        bucket=f"layerlog-{run}",
-        query_listen=f"127.0.0.1:{port}",
-        query_url=f"http://127.0.0.1:{port}",
-        index_path=str(tmp_path_factory.mktemp("registry-query") / "index.sqlite"),
-        **topics,
-    )
+    index = tmp_path_factory.mktemp("registry-query") / "index.sqlite"
+    query = {"query_listen": address, "query_url": f"http://{address}", "index_path": str(index)}
+    own = replace(settings, bucket=f"layerlog-{run}", **query, **topics)
     await provision(own, timeout=30)
     yield own
     admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
