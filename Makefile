@@ -3,12 +3,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: run test bench bench-digest lint venv stack-up stack-down
+.PHONY: run test bench bench-digest lint venv clients stack-up stack-down
 
-run: venv
+run: venv clients
 	deploy/with-stack $(PY) -m services.cli run-all
 
-test: venv
+test: venv clients
 	deploy/with-stack $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv $(VENV)/.bench-installed
@@ -27,6 +27,10 @@ stack-down:
 	deploy/stack down
 
 venv: $(VENV)/.installed
+
+# crane, oras, regctl and skopeo for tests/registry and the README's session; each installs once.
+clients:
+	deploy/clients install
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Layerlog needs Python 3.11 or newer; set PYTHON=python3.11")'
