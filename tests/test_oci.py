@@ -68,6 +68,15 @@ def test_image_manifest_with_subject_takes_the_config_media_type_as_artifact_typ
     assert explicit.artifact_type == "application/x.sig"
 
 
+def test_non_distributable_layers_are_marked() -> None:
+    foreign = {"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"}
+    nd = {"mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"}
+    plain = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip"}
+    layers = [kind | {"digest": SHA, "size": 1} for kind in (foreign, nd, plain)]
+    manifest = parse_manifest(image(layers=layers), OCI_MANIFEST)
+    assert [d.distributable for d in manifest.blobs] == [False, False, True]
+
+
 def test_index_children() -> None:
     body = json.dumps(
         {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [CONFIG | {"size": 3}]}

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import replace
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from services.core.codec import CODEC
+from services.core.kafka import MAX_RECORD_BYTES, ensure_topics
 from services.core.objectstore import ObjectNotFound, ObjectStore
 from services.core.records import StartUpload
 from services.core.settings import S3_MIN_PART_SIZE, Settings
@@ -128,3 +131,30 @@ async def test_aborted_multipart_upload_leaves_nothing(store: ObjectStore):
     assert await store.multipart_uploads(key) == []
     with pytest.raises(ObjectNotFound):
         await store.stat(key)
+
+
+async def test_provision_raises_an_old_events_topic_s_record_limit(settings: Settings):
+    """An events topic from before manifests had Kafka's 1 MiB limit: a large manifest's
+    ManifestStored would be refused. Provisioning gives it the limit its spec asks for."""
+    run = uuid.uuid4().hex[:8]
+    own = replace(
+        settings,
+        commands_topic=f"test-old-{run}.commands",
+        events_topic=f"test-old-{run}.events",
+        dead_letter_topic=f"test-old-{run}.dead-letter",
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(own.events_topic, 1, 1, topic_configs={"retention.ms": "-1"})]
+        )
+        await ensure_topics(own)
+        resource = ConfigResource(ConfigResourceType.TOPIC, own.events_topic, None)
+        (response,) = await admin.describe_configs([resource])
+        configs = {entry[0]: entry[1] for entry in response.resources[0][4]}
+        assert int(configs["max.message.bytes"]) == MAX_RECORD_BYTES
+        assert configs["retention.ms"] == "-1" and configs["retention.bytes"] == "-1"
+    finally:
+        await admin.delete_topics([own.commands_topic, own.events_topic, own.dead_letter_topic])
+        await admin.close()

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -112,12 +113,13 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
             1,
             topic_configs={**big_records, "retention.ms": str(COMMAND_RETENTION_MS)},
         ),
-        # The events topic is the audit log and the source of truth: never deleted.
+        # The events topic is the audit log and the source of truth: never deleted. It carries
+        # manifests (ManifestStored has the bytes, up to 4 MiB), so its records are big too.
         NewTopic(
             settings.events_topic,
             settings.partitions,
             1,
-            topic_configs={"retention.ms": "-1", "retention.bytes": "-1"},
+            topic_configs={**big_records, "retention.ms": "-1", "retention.bytes": "-1"},
         ),
         NewTopic(
             settings.dead_letter_topic,
@@ -139,6 +141,7 @@ async def ensure_topics(settings: Settings, timeout: float = 60.0) -> list[str]:
         existing = set(await admin.list_topics())
         for spec in topic_specs(settings):
             if spec.name in existing:
+                await _raise_record_limit(admin, spec)
                 continue
             try:
                 await admin.create_topics([spec])
@@ -148,6 +151,33 @@ async def ensure_topics(settings: Settings, timeout: float = 60.0) -> list[str]:
     finally:
         await admin.close()
     return created
+
+
+async def _raise_record_limit(admin: AIOKafkaAdminClient, spec: NewTopic) -> None:
+    """Gives a topic made by an older Layerlog the record size its spec now asks for.
+
+    Events topics provisioned before manifests existed kept Kafka's 1 MiB default, which a large
+    manifest's ManifestStored exceeds. AlterConfigs replaces a topic's whole dynamic config, so
+    it is only sent when the limit is short, with the spec's configs.
+    """
+    wanted = spec.topic_configs.get("max.message.bytes")
+    if wanted is None:
+        return
+    resource = ConfigResource(ConfigResourceType.TOPIC, spec.name, {"max.message.bytes": None})
+    (response,) = await admin.describe_configs([resource])
+    entries = response.resources[0][4]
+    current = next((int(entry[1]) for entry in entries if entry[0] == "max.message.bytes"), 0)
+    if current >= int(wanted):
+        return
+    log.warning(
+        "topic %s takes records of at most %d bytes; setting its configs to %s",
+        spec.name,
+        current,
+        spec.topic_configs,
+    )
+    await admin.alter_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, spec.name, dict(spec.topic_configs))]
+    )
 
 
 async def _retry_until(start: object, timeout: float, what: str) -> None:

@@ -23,6 +23,13 @@ MANIFEST_TYPES = frozenset(
     {OCI_MANIFEST, OCI_INDEX, OCI_ARTIFACT, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST}
 )
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+# Layers a registry must not be asked to hold (licensing): the client fetches them from their
+# urls, so a manifest may name them without their bytes being pushed. Deprecated in image-spec
+# 1.1, still found in Windows base images.
+NON_DISTRIBUTABLE_PREFIXES = (
+    "application/vnd.oci.image.layer.nondistributable.",
+    "application/vnd.docker.image.rootfs.foreign.",
+)
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # Each descriptor costs the write side a lookup; past this a manifest is an attack, not an
@@ -41,6 +48,10 @@ class Descriptor:
     size: int
     artifact_type: str | None = None
     annotations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def distributable(self) -> bool:
+        return not self.media_type.startswith(NON_DISTRIBUTABLE_PREFIXES)
 
 
 @dataclass(frozen=True)

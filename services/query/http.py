@@ -100,7 +100,9 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     start = _position(first)
     end = size - 1 if last == "" else min(_position(last), size - 1)
     if last != "" and _position(last) < start:
-        raise BadRange(f"Range {header[:100]!r} ends before it starts")
+        # Unsatisfiable rather than malformed: the OCI conformance suite and Distribution answer
+        # 416 to bytes=500-0, which names no byte of any blob.
+        raise Unsatisfiable(f"Range {header[:100]!r} ends before it starts")
     if start >= size:
         raise Unsatisfiable(header)
     return start, end

@@ -171,7 +171,7 @@ class Manifests:
         # Runs in a thread: up to MAX_DESCRIPTORS primary-key lookups of ~20 µs each.
         seen: set[str] = set()
         blobs = ([manifest.config] if manifest.config else []) + list(manifest.blobs)
-        for descriptor in blobs:
+        for descriptor in filter(lambda d: d.distributable, blobs):
             if descriptor.digest not in seen:
                 seen.add(descriptor.digest)
                 if self.index.blob(name, descriptor.digest) is None:

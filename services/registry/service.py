@@ -16,6 +16,7 @@ from aiohttp import web
 from services.core.objectstore import ObjectStore
 from services.core.processor import start_with_retry
 from services.core.settings import Settings
+from services.query.barrier import ReadBarrier
 from services.query.http import QueryApi
 from services.query.index import Index
 from services.query.projection import Projection
@@ -26,12 +27,18 @@ log = logging.getLogger(__name__)
 
 
 def build_app(
-    settings: Settings, index: Index, projection: Projection, commands: CommandLog
+    settings: Settings,
+    index: Index,
+    projection: Projection,
+    commands: CommandLog,
+    barrier: ReadBarrier,
 ) -> web.Application:
     # The read side is the query service's app: blob HEAD/GET, the OCI read routes (GET /v2/,
     # manifests, tags, catalog, referrers), /healthz and /metrics. The write routes join it.
-    app = QueryApi(index, ObjectStore(settings), projection, redirect=settings.blob_redirect).app()
-    WriteApi(settings, index, commands, Watcher(projection)).add_routes(app.router)
+    app = QueryApi(
+        index, ObjectStore(settings), projection, redirect=settings.blob_redirect, barrier=barrier
+    ).app()
+    WriteApi(settings, index, commands, Watcher(projection), barrier).add_routes(app.router)
     return app
 
 
@@ -40,7 +47,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     projection = Projection(settings, index)
     commands = CommandLog(settings)
     await start_with_retry(commands.start, "registry producer")
-    app = build_app(settings, index, projection, commands)
+    barrier = ReadBarrier(settings, projection)
+    app = build_app(settings, index, projection, commands, barrier)
     # As the query service: long request lines reach the handlers, which answer them with the
     # spec's JSON errors, rather than the HTTP parser's plain-text refusal.
     runner = web.AppRunner(app, access_log=None, max_line_size=65536, max_field_size=65536)
@@ -55,4 +63,5 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     finally:
         stop.set()
         await runner.cleanup()
+        await barrier.close()
         await commands.stop()

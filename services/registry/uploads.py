@@ -32,6 +32,7 @@ from services.core.records import (
 )
 from services.core.settings import Settings
 from services.oci.references import InvalidReference, parse_oci_digest
+from services.query.barrier import Behind, ReadBarrier
 from services.query.index import Index, RejectionRow, UploadRow, UploadStates
 from services.registry import errors
 from services.registry.commandlog import CommandLog, Sender, Watcher
@@ -136,11 +137,19 @@ class KeyedLocks:
 
 
 class Uploads:
-    def __init__(self, settings: Settings, index: Index, log: CommandLog, watch: Watcher) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        index: Index,
+        log: CommandLog,
+        watch: Watcher,
+        barrier: ReadBarrier,
+    ) -> None:
         self.settings = settings
         self.index = index
         self.log = log
         self.watch = watch
+        self.barrier = barrier
         self.locks = KeyedLocks()
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
@@ -176,8 +185,8 @@ class Uploads:
         def started() -> UploadRow | RejectionRow | None:
             return self.index.upload(command.upload_id) or self.index.rejection(command.command_id)
 
-        # Until the query side's read barrier lands, the next request of this session is only
-        # sure to find the upload on this replica: so wait for our own projection to see it.
+        # Waiting for our own projection surfaces a refused start as an error here; the session's
+        # next request may reach any replica, whose read barrier then finds the upload too.
         seen = await self.watch.until(started, DURABLE_SECONDS, "the upload's start")
         if isinstance(seen, RejectionRow):
             raise _chunk_refusal(name, command.upload_id, seen)
@@ -290,6 +299,12 @@ class Uploads:
     async def _open_upload(self, request: web.Request) -> tuple[str, UploadRow]:
         name = repository_of(request)
         upload_id = self._upload_id(request)
+        try:
+            # Every command Kafka had taken for this upload when the request came is in the
+            # index after this, whichever replica took them: the offset read next is the log's.
+            await self.barrier.wait(upload_id)
+        except Behind as behind:
+            raise errors.unavailable(f"the upload's state is not caught up: {behind}") from None
         row = await asyncio.to_thread(self.index.upload, upload_id)
         if row is None or row.repository != name:
             raise _unknown_upload(upload_id, f"is not an upload to {name}")
@@ -436,15 +451,16 @@ def _chunk_start(request: web.Request, name: str, row: UploadRow) -> int:
             errors.BLOB_UPLOAD_INVALID,
             f"Content-Range {header!r} does not name the body's {length} bytes",
         )
-    if start < offset:
+    if start != offset:
+        # After the read barrier the index holds the upload's own offset: a chunk elsewhere is
+        # out of order, and nothing of it is sent.
+        where = "inside" if start < offset else "past"
         raise _range_refusal(
             name,
             row.upload_id,
             offset,
-            f"Content-Range starts at {start}, inside the {offset} bytes already received",
+            f"Content-Range starts at {start}, {where} the {offset} bytes received so far",
         )
-    # A start past the offset this index knows goes to the worker, which holds the upload's
-    # own offset: this replica's index may lag a chunk another replica took a moment ago.
     return start
 
 

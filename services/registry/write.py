@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.core.settings import Settings
+from services.query.barrier import ReadBarrier
 from services.query.index import Index
 from services.registry.commandlog import CommandLog, Watcher
 from services.registry.manifests import Manifests
@@ -12,8 +13,15 @@ from services.registry.uploads import Uploads
 
 
 class WriteApi:
-    def __init__(self, settings: Settings, index: Index, log: CommandLog, watch: Watcher) -> None:
-        self.uploads = Uploads(settings, index, log, watch)
+    def __init__(
+        self,
+        settings: Settings,
+        index: Index,
+        log: CommandLog,
+        watch: Watcher,
+        barrier: ReadBarrier,
+    ) -> None:
+        self.uploads = Uploads(settings, index, log, watch, barrier)
         self.manifests = Manifests(index, log, watch)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
