@@ -21,6 +21,10 @@ from tests.registry.conftest import Registry
 
 SHARED = ROOT.parent / "shared"
 RUNNER = SHARED / "tools" / "oci-conformance"
+# The suite's junit case count depends on what passes: a skipped or failed step drops the cases
+# below it. Distribution v3.1.2 scores 599 + 74 + 17 = 690 here; with every case passing the
+# suite reports 695 (mounts that succeed add their blob-delete cases, for instance). So: nothing
+# failed, nothing skipped, and at least the 690 cases every registry gets.
 EXPECTED_CASES = 690
 # The whole suite, building it on first use included; bounded so a stuck registry fails.
 RUNNER_TIMEOUT = 1500.0
@@ -67,12 +71,12 @@ def test_conformance_suite_passes_every_case(registry: Registry, tmp_path: Path)
     passed, failed, skipped = (int(group) for group in summary.groups())
     failures = [line for line in lines if line.startswith("FAIL ")]
     report = (
-        f"{passed} passed, {failed} failed, {skipped} skipped (want {EXPECTED_CASES}, 0, 0); "
+        f"{passed} passed, {failed} failed, {skipped} skipped (want >= {EXPECTED_CASES}, 0, 0); "
         f"results in {out}\n"
         + "\n".join(failures[:120] + skipped_cases(out / "junit.xml")[:60])
         + "\n"
         + done.stderr[-1000:]
     )
     assert (failed, skipped) == (0, 0), report
-    assert passed == EXPECTED_CASES, report
+    assert passed >= EXPECTED_CASES, report
     assert done.returncode == 0, report
