@@ -8,9 +8,14 @@ import io
 import json
 import os
 import pty
+import re
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -227,3 +232,60 @@ async def test_push_on_a_terminal_shows_progress_unless_quiet(settings, tmp_path
     status, out, shown = await asyncio.to_thread(push_on_a_terminal, settings, layer, "--quiet")
     assert status == 0 and out.strip() == sha256(data)
     assert shown == ""
+
+
+def test_run_all_serves_every_service_and_ctrl_c_stops_them(settings, tmp_path):
+    """`make run` is `layerlog run-all`: the four services come up, and SIGINT stops them all."""
+    registry = f"127.0.0.1:{free_port()}"
+    own = replace(
+        settings,
+        registry_listen=registry,
+        registry_url=f"http://{registry}",
+        registry_index_path=str(tmp_path / "registry.sqlite"),
+        index_path=str(tmp_path / "query.sqlite"),
+        worker_metrics_listen=f"127.0.0.1:{free_port()}",
+        verifier_metrics_listen=f"127.0.0.1:{free_port()}",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "run-all"],
+        env=settings_env(own),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        started = process.stdout.readline()
+        children = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", started)]
+        assert len(children) == 4, started
+        for url in (f"{own.query_url}/healthz", f"{own.registry_url}/v2/"):
+            assert _answers_200(url, process), f"{url} never answered 200"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        for pid in children:
+            assert not _running(pid), f"service {pid} still runs after run-all stopped"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _answers_200(url: str, process: subprocess.Popen[str], seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

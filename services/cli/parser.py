@@ -7,7 +7,7 @@ import textwrap
 
 from services.cli import commands
 from services.cli.exits import EXIT_STATUSES, client_command
-from services.cli.run import run_service
+from services.cli.run import run_all, run_service
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     registry.set_defaults(handler=run_service, service="registry")
 
-    run_all = command("run-all", "run the four services until Ctrl-C")
-    run_all.set_defaults(handler=run_all)
+    run_all_command = command("run-all", "run the four services until Ctrl-C")
+    run_all_command.set_defaults(handler=run_all)
 
     # Client commands
 
