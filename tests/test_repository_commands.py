@@ -111,6 +111,19 @@ async def test_put_manifest_stores_the_bytes_and_moves_the_tag(settings, store):
     assert state.manifests == {sha256(first), sha256(second), sha256(referrer)}
 
 
+async def test_names_that_nest_like_files_and_folders_keep_separate_states(settings, store):
+    """ "a" and "a.json/b" once mapped to repository-state/a.json as an object and as a folder,
+    which versitygw's posix backend cannot hold at once: the partition's batch failed forever."""
+    repo = unique("oci/nest")
+    nested = f"{repo}.json/inner"
+    commands = [put(repo, "v1", image_manifest("outer")), put(nested, "v1", image_manifest("in"))]
+    events = await run(settings, [repo, nested], commands, 4)
+    assert kinds(events) == ["ManifestStored", "TagMoved"] * 2
+    for name in (repo, nested):
+        state = RepositoryState.from_json(await store.get(repository_state_key(name)))
+        assert set(state.tags) == {"v1"}
+
+
 async def test_the_same_put_again_is_recorded_again(settings):
     repo = unique("oci/again")
     body = image_manifest("same")

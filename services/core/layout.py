@@ -4,7 +4,8 @@
   committed copy (the verifier writes it; the upload worker mounts blobs by it).
 - manifests/<alg>/<hex>: a manifest's exact bytes, content addressed, so one copy serves every
   repository that stores it.
-- repository-state/<name>.json: a repository's tags, manifests and chain head (the worker's).
+- repository-state/<name>/_state.json: a repository's tags, manifests and chain head (the
+  worker's).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def manifest_key(digest: str) -> str:
 
 
 def repository_state_key(repository: str) -> str:
-    # Repository names are '/'-separated lowercase components with no '.' or '/' at either end,
-    # so "a" and "a/b" never map to the same key.
-    return f"{REPOSITORY_STATE_PREFIX}{repository}.json"
+    # No name component starts with '_', so no repository's key is a prefix "folder" of another's:
+    # with "<name>.json", the names "a.json/b" and "a" would need repository-state/a.json to be
+    # both an object and a folder, which a filesystem-backed S3 server refuses for good.
+    return f"{REPOSITORY_STATE_PREFIX}{repository}/_state.json"
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """Repository commands in, repository events out: manifests, tags and blob links.
 
-Each repository has one state object, repository-state/<name>.json: its tags, the manifests it
-stores, the head of its hash chain, and a ledger of the commands applied last with what was
-decided for each (when, the chain head before it, the tag's previous digest, ...). A command's
-events are a pure function of the command and its ledger entry, so a batch applied again (its
-transaction did not commit) publishes byte-identical events, even when the state was already
-saved with the batch's changes. Like upload states, the touched states are written once per
-batch, before the batch's events and offsets are committed.
+Each repository has one state object, repository-state/<name>/_state.json: its tags, the
+manifests it stores, the head of its hash chain, and a ledger of the commands applied last with
+what was decided for each (when, the chain head before it, the tag's previous digest, ...). A
+command's events are a pure function of the command and its ledger entry, so a batch applied
+again (its transaction did not commit) publishes byte-identical events, even when the state was
+already saved with the batch's changes. Like upload states, the touched states are written once
+per batch, before the batch's events and offsets are committed.
 
 Repository commands are keyed by the repository name, so one repository lives in one partition
 and its commands are applied in log order: the last PutManifest to a tag wins, and every move
