@@ -114,6 +114,27 @@ async def test_post_then_put_monolithic_in_two_requests(http):
     assert await blob_of(http, name, sha256(data)) == data
 
 
+async def test_the_same_put_again_gets_the_verdict_again(http):
+    """A client that lost the answer to its PUT (a 503 while a big layer was verified, a dropped
+    connection) sends it again: the upload is finished by then, and the verdict is its answer."""
+    name = "registry/put-again"
+    data = os.urandom(64 * 1024)
+    location = await start(http, name)
+    async with http.patch(location, data=data) as response:
+        assert response.status == 202
+    for _ in range(2):
+        async with http.put(location, params={"digest": sha256(data)}) as response:
+            assert response.status == 201, await response.text()
+            assert response.headers["Docker-Content-Digest"] == sha256(data)
+    bad = await start(http, name)
+    for _ in range(2):
+        async with http.put(bad, params={"digest": sha256(b"other")}, data=b"x") as response:
+            assert response.status == 400
+            assert (await response.json())["errors"][0]["code"] == "DIGEST_INVALID"
+    async with http.put(location, params={"digest": sha256(b"other")}) as response:
+        assert response.status == 404  # another digest: that finished upload is not its
+
+
 async def test_wrong_digest_fails_the_upload(http):
     name = "registry/wrong-digest"
     location = await start(http, name)

@@ -249,7 +249,13 @@ class Uploads:
         # Checked before anything is sent: a bad digest leaves the upload as it was.
         digest = digest_param(request.query.get("digest"))
         async with self.locks.hold(upload_id):
-            name, row = await self._open_upload(request)
+            name, row = await self._upload_row(request)
+            if row.state != UploadStates.OPEN and row.digest == digest:
+                # The same PUT again, after an answer the client did not get (a 503 while a big
+                # layer was verified, a dropped connection): it gets the verdict, not a 404. The
+                # digest names the content, so a body sent again changes nothing.
+                return await self._verdict_of(name, upload_id, digest)
+            _check_open(upload_id, row)
             start = _chunk_start(request, name, row)
             sender = self.log.sender()
             appended = await self._append(sender, name, upload_id, start, request)
@@ -297,6 +303,12 @@ class Uploads:
             raise RegistryError(404, errors.BLOB_UPLOAD_UNKNOWN, str(bad)) from None
 
     async def _open_upload(self, request: web.Request) -> tuple[str, UploadRow]:
+        name, row = await self._upload_row(request)
+        _check_open(row.upload_id, row)
+        return name, row
+
+    async def _upload_row(self, request: web.Request) -> tuple[str, UploadRow]:
+        """The upload as the log has it: in this repository, in whatever state."""
         name = repository_of(request)
         upload_id = self._upload_id(request)
         try:
@@ -308,9 +320,19 @@ class Uploads:
         row = await asyncio.to_thread(self.index.upload, upload_id)
         if row is None or row.repository != name:
             raise _unknown_upload(upload_id, f"is not an upload to {name}")
-        if row.state != UploadStates.OPEN:
-            raise _unknown_upload(upload_id, f"is {row.state}")
         return name, row
+
+    async def _verdict_of(self, name: str, upload_id: str, digest: str) -> web.Response:
+        def final() -> UploadRow | None:
+            row = self.index.upload(upload_id)
+            return row if row is not None and row.state in UploadStates.TERMINAL else None
+
+        row = await self.watch.until(final, VERDICT_SECONDS, "the upload's verdict")
+        if row.state == UploadStates.COMMITTED:
+            return web.Response(status=201, headers=blob_headers(name, digest))
+        if row.state == UploadStates.FAILED:
+            raise _failure(row)
+        raise _unknown_upload(upload_id, f"is {row.state}")
 
     async def _append(
         self, sender: Sender, name: str, upload_id: str, start: int, request: web.Request
@@ -428,6 +450,11 @@ class Uploads:
 
     async def _outcome(self, command: RepositoryCommand, what: str) -> Outcome:
         return await await_outcome(self.watch, self.index, command, what, DURABLE_SECONDS)
+
+
+def _check_open(upload_id: str, row: UploadRow) -> None:
+    if row.state != UploadStates.OPEN:
+        raise _unknown_upload(upload_id, f"is {row.state}")
 
 
 def _offset(row: UploadRow) -> int:
