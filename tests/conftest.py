@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,6 +80,30 @@ async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Se
 @pytest.fixture(scope="session")
 async def store(settings: Settings) -> ObjectStore:
     return ObjectStore(settings)
+
+
+@asynccontextmanager
+async def own_topics(settings: Settings, label: str) -> AsyncIterator[Settings]:
+    """Topics and a bucket no other test module's services read: for tests that write records
+    straight onto the log (a worker started by another module would act on them)."""
+    run = f"{label}-{uuid.uuid4().hex[:8]}"
+    own = replace(
+        settings,
+        commands_topic=f"test-{run}.commands",
+        events_topic=f"test-{run}.events",
+        dead_letter_topic=f"test-{run}.dead-letter",
+        bucket=f"layerlog-{run}",
+    )
+    await provision(own, timeout=30)
+    try:
+        yield own
+    finally:
+        admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([own.commands_topic, own.events_topic, own.dead_letter_topic])
+        finally:
+            await admin.close()
 
 
 class ServiceProcess:

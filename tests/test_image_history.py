@@ -4,16 +4,28 @@ that moved it, from repository events and commands on the real topics."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+
+import pytest
 
 from services.core.records import DeleteTag, PutManifest, TagDeleted, new_id
+from services.core.settings import Settings
 from services.oci.manifest import OCI_MANIFEST
-from tests.conftest import run_cli
+from tests.conftest import own_topics, run_cli
 from tests.registry_events import (
     EventWriter,
     image_manifest,
     repository_event,
     unique_repository,
 )
+
+
+@pytest.fixture(scope="module")
+async def settings(settings: Settings) -> AsyncIterator[Settings]:
+    """This module writes events and commands straight onto the log: its own topics, so that no
+    other module's worker applies them and no other module's reader meets its odd records."""
+    async with own_topics(settings, "image-history") as own:
+        yield own
 
 
 async def put(events: EventWriter, name: str, seed: str, tag: str, previous: str | None) -> str:

@@ -28,7 +28,7 @@ from services.core.settings import Settings
 from services.oci.manifest import OCI_INDEX, OCI_MANIFEST
 from services.query.index import Index
 from services.query.replay import cut_offsets
-from tests.conftest import run_cli
+from tests.conftest import own_topics, run_cli
 from tests.registry_events import (
     EventWriter,
     digest_of,
@@ -40,6 +40,19 @@ from tests.registry_events import (
 )
 
 REPOSITORY_TABLES = ("manifests", "tags", "blob_links", "outcomes", "layers")
+
+
+@pytest.fixture(scope="module")
+async def settings(settings: Settings) -> AsyncIterator[Settings]:
+    """This module writes events and commands straight onto the log: its own topics, so that no
+    other module's worker applies them and no other module's reader meets its odd records."""
+    async with own_topics(settings, "oci-read") as own:
+        yield own
+
+
+@pytest.fixture(scope="module")
+def store(settings: Settings) -> ObjectStore:
+    return ObjectStore(settings)
 
 
 @pytest.fixture(scope="module")

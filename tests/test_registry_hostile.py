@@ -89,8 +89,13 @@ async def test_patch_or_put_to_a_finished_upload_is_unknown(http):
     async with http.patch(location, data=b"more") as response:
         assert response.status == 404
         assert await code_of(response) == "BLOB_UPLOAD_UNKNOWN"
-    async with http.put(location, params={"digest": sha256(b"done")}) as response:
+    async with http.put(location, params={"digest": sha256(b"more")}, data=b"more") as response:
         assert response.status == 404
+        assert await code_of(response) == "BLOB_UPLOAD_UNKNOWN"
+    # The same PUT again is a retry, not an attack: it gets the verdict it had
+    # (test_registry_uploads.py::test_the_same_put_again_gets_the_verdict_again).
+    async with http.put(location, params={"digest": sha256(b"done")}) as response:
+        assert response.status == 201
 
 
 async def test_upload_ids_that_are_not_ours(http):

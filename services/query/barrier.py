@@ -143,6 +143,26 @@ class ReadBarrier:
                 f"{events_end} yet"
             )
 
+    async def caught_up(self, repository: str | None = None) -> None:
+        """Returns once the index holds every event the log had when called; raises Behind.
+
+        With a repository, only its events partition: its manifests, tags and links are keyed
+        by its name. A registry read takes this before it answers, so a write another replica
+        acknowledged a moment ago is seen here too (a blob's commit is keyed by its upload, so
+        a blob lookup that misses waits for every partition)."""
+        deadline = time.monotonic() + self.wait_seconds
+        await self._retrying(self._start, deadline)
+        events_count = (await self._retrying(self._partition_counts, deadline))[1]
+        ends = await self._retrying(self._event_ends.get, deadline)
+        if repository is not None:
+            partition = partition_for(repository, events_count)
+            ends = {partition: ends[partition]}
+        for partition, end in ends.items():
+            if not await self.projection.reach(
+                partition, end, max(0.0, deadline - time.monotonic())
+            ):
+                raise Behind(f"the index has not applied events partition {partition} up to {end}")
+
     async def close(self) -> None:
         for fresh in (self._command_ends, self._event_ends, self._committed):
             await fresh.close()

@@ -140,7 +140,7 @@ class QueryApi:
         blobs = app.router.add_resource("/v2/{name:.+}/blobs/{digest}", name="blob")
         blobs.add_route("HEAD", self.blob)
         blobs.add_route("GET", self.blob)
-        OciReadApi(self.index).add_routes(app)
+        OciReadApi(self.index, self.barrier).add_routes(app)
         app.router.add_get("/uploads/{uuid}", self.upload, name="upload")
         app.router.add_get("/uploads/{uuid}/verdict", self.verdict, name="verdict")
         app.router.add_get("/healthz", self.health, name="healthz")
@@ -224,10 +224,10 @@ class QueryApi:
             parse_digest(digest)
         except DigestError as bad:
             return digest_error(bad)
-        # A primary-key lookup in SQLite (WAL: readers never wait for the projection's writes)
-        # takes ~20 µs, an eighth of handing it to a thread and back, and without a thread pool
-        # (6 threads by default) 64 concurrent HEADs do not queue behind one another.
-        layer = self.index.blob(name, digest)
+        try:
+            layer = await self._fresh_blob(name, digest)
+        except Behind as behind:
+            return error(503, "UNAVAILABLE", f"the index is behind the log: {behind}")
         if layer is None:
             return error(404, "BLOB_UNKNOWN", f"no layer {digest} in {name}")
         headers = _layer_headers(layer)
@@ -240,6 +240,21 @@ class QueryApi:
             headers["Location"] = location
             return web.Response(status=307, headers=headers)
         return await self._send(request, layer, headers)
+
+    async def _fresh_blob(self, name: str, digest: str) -> LayerRow | None:
+        """The blob as the whole log has it: a link or unlink another replica acknowledged a
+        moment ago counts (read barrier); a read-only index is read as it is."""
+        # A primary-key lookup in SQLite (WAL: readers never wait for the projection's writes)
+        # takes ~20 µs, an eighth of handing it to a thread and back, and without a thread pool
+        # (6 threads by default) 64 concurrent HEADs do not queue behind one another.
+        if self.barrier is None:
+            return self.index.blob(name, digest)
+        await self.barrier.caught_up(name)  # unlinks and mounts are keyed by the repository
+        layer = self.index.blob(name, digest)
+        if layer is None:
+            await self.barrier.caught_up()  # a commit is keyed by its upload: any partition
+            layer = self.index.blob(name, digest)
+        return layer
 
     async def _send(
         self, request: web.Request, layer: LayerRow, headers: dict[str, str]

@@ -21,6 +21,7 @@ from aiohttp import web
 from services.core.names import InvalidName, check_repository
 from services.oci.manifest import OCI_INDEX
 from services.oci.references import InvalidReference, check_tag, is_digest, parse_oci_digest
+from services.query.barrier import Behind, ReadBarrier
 from services.query.index import Index, ManifestRow, ReferrerRow
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -42,6 +43,7 @@ class Codes:
     NAME_INVALID = "NAME_INVALID"
     NAME_UNKNOWN = "NAME_UNKNOWN"
     UNSUPPORTED = "UNSUPPORTED"
+    UNAVAILABLE = "UNAVAILABLE"  # not the spec's: Distribution's, for a 503
     PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"
 
 
@@ -90,8 +92,20 @@ async def oci_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 class OciReadApi:
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, barrier: ReadBarrier | None = None) -> None:
         self.index = index
+        self.barrier = barrier  # None for a read-only (replayed) index: it never changes
+
+    async def _caught_up(self, repository: str | None) -> None:
+        """Before an answer: every event the log had is in the index, so a write that another
+        replica acknowledged a moment ago is seen here too (read-your-writes across replicas)."""
+        if self.barrier is None:
+            return
+        try:
+            await self.barrier.caught_up(repository)
+        except Behind as behind:
+            message = f"the index is behind the log: {behind}"
+            raise BadRequest(503, Codes.UNAVAILABLE, message) from None
 
     def add_routes(self, app: web.Application) -> dict[str, web.Resource]:
         """Adds the read routes (and the middleware) to app; returns the resources by name."""
@@ -120,6 +134,7 @@ class OciReadApi:
     async def manifest(self, request: web.Request) -> web.Response:
         name = _repository(request)
         reference = request.match_info["reference"]
+        await self._caught_up(name)
         if is_digest(reference):
             _digest(reference)
             row = await asyncio.to_thread(self.index.manifest, name, reference)
@@ -154,6 +169,7 @@ class OciReadApi:
     async def tags(self, request: web.Request) -> web.Response:
         name = _repository(request)
         limit, last = _page(request)
+        await self._caught_up(name)
         tags, known = await asyncio.to_thread(self._tags_page, name, last, limit)
         if not known:
             return oci_error(404, Codes.NAME_UNKNOWN, f"no repository {name}", {"name": name})
@@ -170,6 +186,7 @@ class OciReadApi:
 
     async def catalog(self, request: web.Request) -> web.Response:
         limit, last = _page(request)
+        await self._caught_up(None)
         names = (
             await asyncio.to_thread(self.index.repositories, last=last, limit=limit + 1)
             if limit
@@ -185,6 +202,7 @@ class OciReadApi:
         name = _repository(request)
         subject = request.match_info["digest"]
         _digest(subject)
+        await self._caught_up(name)
         artifact_type = request.query.get("artifactType")
         found = await asyncio.to_thread(
             self.index.referrers, name, subject, artifact_type=artifact_type

@@ -19,6 +19,7 @@ from services.core import kafka
 from services.core.codec import CODEC
 from services.core.records import AppendChunk, Command, RepositoryCommand
 from services.core.settings import MIB, Settings
+from services.query.barrier import Behind, ReadBarrier
 from services.query.projection import Projection
 from services.registry.errors import unavailable
 
@@ -137,3 +138,12 @@ class Watcher:
                     await asyncio.wait_for(changed.wait(), min(remaining, RECHECK_SECONDS))
                 except TimeoutError:
                     pass
+
+
+async def caught_up(barrier: ReadBarrier, repository: str | None = None) -> None:
+    """The index holds every event the log had (the repository's partition, or all): a check
+    made next sees what another replica acknowledged a moment ago. 503 when it cannot."""
+    try:
+        await barrier.caught_up(repository)
+    except Behind as behind:
+        raise unavailable(f"the index is behind the log: {behind}") from None

@@ -28,9 +28,10 @@ from services.oci.references import (
     is_digest,
     parse_oci_digest,
 )
+from services.query.barrier import ReadBarrier
 from services.query.index import Index
 from services.registry import errors
-from services.registry.commandlog import CommandLog, Watcher
+from services.registry.commandlog import CommandLog, Watcher, caught_up
 from services.registry.errors import RegistryError, answering
 from services.registry.outcomes import Outcome, await_outcome
 from services.registry.uploads import DURABLE_SECONDS, repository_of
@@ -77,10 +78,11 @@ def _digest_reference(reference: str) -> OciDigest:
 
 
 class Manifests:
-    def __init__(self, index: Index, log: CommandLog, watch: Watcher) -> None:
+    def __init__(self, index: Index, log: CommandLog, watch: Watcher, barrier: ReadBarrier) -> None:
         self.index = index
         self.log = log
         self.watch = watch
+        self.barrier = barrier
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         # Beside the read side's GET/HEAD resource of the same path (see Uploads.add_routes).
@@ -118,7 +120,13 @@ class Manifests:
                 f"the manifest's {digest.algorithm} digest is {digest}, not {reference}",
                 {"expected": reference, "actual": str(digest)},
             )
+        await caught_up(self.barrier, name)
         missing = await asyncio.to_thread(self._first_missing, name, manifest)
+        if missing is not None:
+            # A blob committed through another replica a moment ago: its LayerCommitted is keyed
+            # by its upload, so every partition must be in before the manifest is refused.
+            await caught_up(self.barrier)
+            missing = await asyncio.to_thread(self._first_missing, name, manifest)
         if missing is not None:
             raise RegistryError(
                 400,
@@ -147,6 +155,7 @@ class Manifests:
         name = repository_of(request)
         reference = request.match_info["reference"]
         command: RepositoryCommand
+        await caught_up(self.barrier, name)
         if is_digest(reference):
             digest = str(_digest_reference(reference))
             known = await asyncio.to_thread(self.index.manifest, name, digest)

@@ -35,7 +35,7 @@ from services.oci.references import InvalidReference, parse_oci_digest
 from services.query.barrier import Behind, ReadBarrier
 from services.query.index import Index, RejectionRow, UploadRow, UploadStates
 from services.registry import errors
-from services.registry.commandlog import CommandLog, Sender, Watcher
+from services.registry.commandlog import CommandLog, Sender, Watcher, caught_up
 from services.registry.errors import RegistryError, answering
 from services.registry.outcomes import Outcome, await_outcome
 
@@ -206,6 +206,9 @@ class Uploads:
         """201 once the blob is linked into name; None to fall back to an upload, as the spec
         says a registry that cannot mount does."""
         digest = digest_param(digest_text)
+        # Every partition: the blob's commit is keyed by its upload, and whichever replica took
+        # it, a mount right after must find it.
+        await caught_up(self.barrier)
         if await asyncio.to_thread(self.index.blob, name, digest) is not None:
             return web.Response(status=201, headers=blob_headers(name, digest))
         if source is not None:
@@ -285,6 +288,7 @@ class Uploads:
     async def unlink(self, request: web.Request) -> web.Response:
         name = repository_of(request)
         digest = digest_param(request.match_info["digest"])
+        await caught_up(self.barrier)  # a push or mount through another replica counts
         if await asyncio.to_thread(self.index.blob, name, digest) is None:
             raise RegistryError(404, errors.BLOB_UNKNOWN, f"no blob {digest} in {name}")
         command = UnlinkBlob(repository=name, digest=digest)

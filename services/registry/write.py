@@ -22,7 +22,7 @@ class WriteApi:
         barrier: ReadBarrier,
     ) -> None:
         self.uploads = Uploads(settings, index, log, watch, barrier)
-        self.manifests = Manifests(index, log, watch)
+        self.manifests = Manifests(index, log, watch, barrier)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         # Upload routes first: /blobs/uploads/... must not be taken for a blob digest.
