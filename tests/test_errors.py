@@ -96,6 +96,9 @@ async def test_a_500_carries_the_request_id_and_no_internal_text(settings, tmp_p
     body = json.loads(text)
     assert body["error"] == "INTERNAL"
     assert body["request_id"] == request_id
+    assert body["errors"] == [
+        {"code": "UNKNOWN", "message": body["message"], "detail": {"request_id": request_id}}
+    ]
     assert "secret" not in text and "RuntimeError" not in text
     logged = [r for r in caplog.records if getattr(r, "request_id", None) == request_id]
     assert len(logged) == 1

@@ -8,6 +8,7 @@ handler the way the processor does and check what lands in S3, and that a batch 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,8 +22,10 @@ from services.core.records import (
     AppendChunk,
     Command,
     CommandRejected,
+    DeadLetter,
     ExpireUpload,
     FinishUpload,
+    PutManifest,
     RejectReason,
     RepositoryCommand,
     StartUpload,
@@ -292,3 +295,31 @@ def test_a_state_stored_before_states_were_typed_still_loads():
     assert state.status is Status.CANCELLED and state.finish is None
     assert state.closing == Closing(at_ms=4, prev_hash="h2", durable_offset=5, idle_seconds=0)
     assert UploadState.from_json(state.to_json()) == state
+
+
+async def test_a_command_the_worker_fails_on_is_rejected_as_well_as_dead_lettered(settings, store):
+    """The registry and the SDK wait on a command's outcome: a bug in the worker must end that
+    wait with a rejection, not leave it to time out, and keep the record in the dead letters."""
+    handler = CommandHandler(settings, StagingArea(store, settings.part_size))
+    upload = Upload()
+    put = PutManifest(
+        repository="staging/failed",
+        reference="v1",
+        digest="sha256:" + "0" * 64,
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        body=b"{}",
+    )
+    for record in records([upload.start(), put], 0):
+        outputs = handler.on_error(record, RuntimeError("a bug"))
+        assert [o.topic for o in outputs] == [settings.dead_letter_topic, settings.events_topic]
+        dead, rejected = (CODEC.decode(o.value) for o in outputs)
+        assert isinstance(dead, DeadLetter) and dead.reason == "HANDLER_ERROR"
+        assert rejected.reason == "HANDLER_ERROR" and "RuntimeError" in rejected.detail
+        assert rejected.caused_by == CODEC.decode(record.value).command_id
+        assert outputs[1].key == record.key  # the upload's, or the repository's, partition
+        # Applied again (its transaction did not commit), the same bytes.
+        assert handler.on_error(record, RuntimeError("a bug"))[1].value == outputs[1].value
+    garbage = dataclasses.replace(records([upload.start()], 5)[0], value=b"not a command")
+    assert [o.topic for o in handler.on_error(garbage, RuntimeError())] == [
+        settings.dead_letter_topic
+    ]

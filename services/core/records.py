@@ -178,6 +178,8 @@ class RejectReason(StrEnum):
     REPOSITORY_MISMATCH = "REPOSITORY_MISMATCH"
     # The chunk would need a multipart part past the most S3 allows (10,000) for one object.
     LAYER_TOO_LARGE = "LAYER_TOO_LARGE"
+    # The worker failed on the command (a bug, logged); the record went to the dead letters.
+    HANDLER_ERROR = "HANDLER_ERROR"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -332,6 +334,8 @@ class RepositoryRejectReason(StrEnum):
     MANIFEST_INVALID = "MANIFEST_INVALID"
     MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
     BLOB_UNKNOWN = "BLOB_UNKNOWN"
+    # The worker failed on the command (a bug, logged); the record went to the dead letters.
+    HANDLER_ERROR = "HANDLER_ERROR"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -66,14 +66,12 @@ def error(status: int, code: str, message: str, **headers: str) -> web.Response:
 
 def internal_error(request_id: str) -> web.Response:
     """The 500 body: the id to quote, nothing of the failure itself (that is in the log)."""
-    return web.json_response(
-        {
-            "error": "INTERNAL",
-            "message": f"internal error; the service logged it under request id {request_id}",
-            "request_id": request_id,
-        },
-        status=500,
-    )
+    message = f"internal error; the service logged it under request id {request_id}"
+    # UNKNOWN, Distribution's code for what the spec's table has none for; "errors" is the form
+    # registry clients read, "error" the SDK's.
+    oci = {"code": "UNKNOWN", "message": message, "detail": {"request_id": request_id}}
+    body = {"error": "INTERNAL", "message": message, "request_id": request_id, "errors": [oci]}
+    return web.json_response(body, status=500)
 
 
 def digest_error(bad: DigestError) -> web.Response:

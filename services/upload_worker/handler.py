@@ -145,7 +145,21 @@ class CommandHandler:
         return dead_letter(self.settings.dead_letter_topic, record, reason, detail)
 
     def on_error(self, record: ConsumerRecord, error: Exception) -> list[Output]:
-        return [self.dead_letter(record, DeadLetterReason.HANDLER_ERROR, repr(error))]
+        """The record goes to the dead letters; its sender, who may be waiting on the command's
+        outcome (the registry, the SDK), learns of the failure from a rejection."""
+        outputs = [self.dead_letter(record, DeadLetterReason.HANDLER_ERROR, repr(error))]
+        try:
+            command = CODEC.decode(record.value or b"", COMMAND_TYPES + REPOSITORY_COMMAND_TYPES)
+        except DecodeError:
+            return outputs
+        detail = f"the upload worker failed on this command ({type(error).__name__}); see its log"
+        if isinstance(command, RepositoryCommand):
+            outputs.append(self.repositories.failed(command, record, detail))
+        else:
+            rejected = self.rejection(command, Rejected(RejectReason.HANDLER_ERROR, detail))
+            key = command.upload_id.encode()
+            outputs.append(Output(self.settings.events_topic, key, CODEC.encode(rejected)))
+        return outputs
 
     async def apply(self, command: Command, src: Source) -> list[Event]:
         try:

@@ -230,14 +230,18 @@ class RepositoryCommands:
             self.cache.popitem(last=False)
 
     def _stateless(
-        self, command: RepositoryCommand, record: ConsumerRecord, detail: str
+        self,
+        command: RepositoryCommand,
+        record: ConsumerRecord,
+        detail: str,
+        reason: RepositoryRejectReason = RepositoryRejectReason.INVALID_REPOSITORY,
     ) -> Decision:
         # No state to keep a decision in: the record's own timestamp makes a replay identical.
         return Decision(
             command_id=command.command_id,
             source=f"{record.partition}@{record.offset}",
             at_ms=record.timestamp,
-            reason=RepositoryRejectReason.INVALID_REPOSITORY,
+            reason=reason,
             detail=detail,
         )
 
@@ -358,6 +362,11 @@ class RepositoryCommands:
             chain_head=event_hash(outputs[-1].value),
             ledger=ledger,
         )
+
+    def failed(self, command: RepositoryCommand, record: ConsumerRecord, detail: str) -> Output:
+        """A rejection for a command the worker failed on, so its waiter is not left waiting."""
+        decision = self._stateless(command, record, detail, RepositoryRejectReason.HANDLER_ERROR)
+        return self._outputs(command, decision)[0]
 
     # Events
 
