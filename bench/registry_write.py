@@ -4,6 +4,8 @@
    digest), p50 and p99 over 50, each timed from the POST to the PUT's 201.
 2. The registry's peak RSS (VmHWM) over one streamed 1 GiB PATCH (chunked transfer encoding, no
    Content-Range): the body must pass through in a bounded window, not be buffered.
+3. The same over 16 streamed PATCHes of 64 MiB at once: the window is the process's, not each
+   request's.
 
 Runs its own upload worker, verifier and registry on topics and a bucket of its own.
 """
@@ -35,6 +37,7 @@ from bench.stack import (
 MIB = 1 << 20
 ROUNDS = 50
 STREAM_BYTES = 1 << 30
+CONCURRENT_BYTES = 64 * MIB
 
 
 async def commit_latencies(http: aiohttp.ClientSession) -> list[float]:
@@ -52,11 +55,11 @@ async def commit_latencies(http: aiohttp.ClientSession) -> list[float]:
     return seconds
 
 
-async def streamed_patch(http: aiohttp.ClientSession) -> float:
+async def streamed_patch(http: aiohttp.ClientSession, size: int = STREAM_BYTES) -> float:
     piece = os.urandom(MIB)
 
     async def body() -> AsyncIterator[bytes]:
-        for _ in range(STREAM_BYTES // MIB):
+        for _ in range(size // MIB):
             yield piece
 
     async with http.post("/v2/bench/stream/blobs/uploads/") as response:
@@ -64,7 +67,7 @@ async def streamed_patch(http: aiohttp.ClientSession) -> float:
     started = time.perf_counter()
     async with http.patch(location, data=body()) as response:
         assert response.status == 202, await response.text()
-        assert response.headers["Range"] == f"0-{STREAM_BYTES - 1}"
+        assert response.headers["Range"] == f"0-{size - 1}"
     return time.perf_counter() - started
 
 
@@ -89,6 +92,10 @@ async def main() -> None:
             before = peak_rss_mib(registry_pid)
             stream_seconds = await streamed_patch(http)
             after = peak_rss_mib(registry_pid)
+            started = time.perf_counter()
+            await asyncio.gather(*(streamed_patch(http, CONCURRENT_BYTES) for _ in range(16)))
+            concurrent_seconds = time.perf_counter() - started
+            after_concurrent = peak_rss_mib(registry_pid)
         pipeline.check_alive()
         result = {
             "commit_64k_p50_ms": round(statistics.median(latencies) * 1000, 1),
@@ -97,6 +104,8 @@ async def main() -> None:
             "registry_vmhwm_before_stream_mib": round(before, 1),
             "registry_vmhwm_after_1gib_patch_mib": round(after, 1),
             "stream_1gib_seconds": round(stream_seconds, 1),
+            "registry_vmhwm_after_16x64mib_patches_mib": round(after_concurrent, 1),
+            "concurrent_16x64mib_seconds": round(concurrent_seconds, 1),
             "max_chunk_bytes": settings.max_chunk_bytes,
         }
         print(json.dumps(result, indent=2))

@@ -28,6 +28,10 @@ T = TypeVar("T")
 # Bytes of chunks handed to the Kafka client and not yet acknowledged, per request: a streamed
 # multi-GiB PATCH then holds about this much of the body in memory (the SDK's window too).
 IN_FLIGHT_BYTES = 32 * MIB
+# Body bytes the whole process holds, read and not yet acknowledged by Kafka, across every
+# upload request: twenty docker clients pushing five layers each must not need gigabytes. A
+# request past it waits (and its client's TCP window closes), it is not refused.
+PROCESS_BODY_BYTES = 32 * MIB
 # A wait also re-reads the index this often, in case a notification came between read and wait.
 RECHECK_SECONDS = 1.0
 
@@ -40,9 +44,36 @@ def key_of(command: Command | RepositoryCommand) -> bytes:
     return command.repository.encode()
 
 
+class ByteBudget:
+    """A count of bytes the process may hold, taken before body bytes are read and given back
+    once Kafka has them. One request larger than the whole budget still goes, alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    async def take(self, count: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self.used == 0 or self.used + count <= self.limit
+            )
+            self.used += count
+
+    def give(self, count: int) -> None:
+        self.used -= count
+        # Called from futures' callbacks too, outside any coroutine: wake the waiters later.
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+
 class CommandLog:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.budget = ByteBudget(PROCESS_BODY_BYTES)
         # Batches of up to 1 MiB: a small blob's last chunk and its FinishUpload then travel in
         # one batch, which the worker reads in one fetch.
         self.producer: AIOKafkaProducer = kafka.producer(settings, max_batch_size=MIB)
@@ -76,7 +107,9 @@ class Sender:
         self._in_flight: deque[tuple[asyncio.Future[Any], int]] = deque()
         self._in_flight_bytes = 0
 
-    async def send(self, command: Command | RepositoryCommand) -> None:
+    async def send(self, command: Command | RepositoryCommand, budgeted: int = 0) -> None:
+        """Hands the command to Kafka; `budgeted` bytes of the process's ByteBudget, taken for
+        its body, are given back once Kafka has acknowledged (or refused) it."""
         size = len(command.data) if isinstance(command, AppendChunk) else 0
         value = CODEC.encode(command)
         try:
@@ -84,8 +117,11 @@ class Sender:
                 self.log.settings.commands_topic, value, key=key_of(command)
             )
         except KafkaError as error:
+            self.log.budget.give(budgeted)
             await self.abandon()
             raise unavailable(f"Kafka did not take the command: {error}") from None
+        if budgeted:
+            future.add_done_callback(lambda _: self.log.budget.give(budgeted))
         self._in_flight.append((future, size))
         self._in_flight_bytes += size
         await self._settle(IN_FLIGHT_BYTES)

@@ -41,6 +41,8 @@ from services.registry.outcomes import Outcome, await_outcome
 
 # Long enough for the verifier to read a multi-GiB blob once; the SDK waits as long.
 VERDICT_SECONDS = 300.0
+# A request body is read this much at a time, each step covered by the process's body budget.
+READ_STEP = 1024 * 1024
 # Chunks are durable once the worker has staged them: seconds, unless the worker is away.
 DURABLE_SECONDS = 120.0
 # What the spec allows: "<start>-<end>", both inclusive. "bytes a-b/total" is accepted too, as
@@ -345,10 +347,19 @@ class Uploads:
         it as it arrives; the sender keeps the unacknowledged bytes bounded."""
         appended = Appended(start, start)
         size = self.settings.max_chunk_bytes
+        budget = self.log.budget
         buffer = bytearray()
+        held = 0  # of the process's body budget, for the bytes in buffer
         try:
             while True:
-                data = await request.content.read(size - len(buffer))
+                # Taken before the bytes are read, in small steps: a slow client holds only
+                # what it sent, and the process never holds more body than its budget.
+                want = min(READ_STEP, size - len(buffer))
+                await budget.take(want)
+                held += want
+                data = await request.content.read(want)
+                budget.give(want - len(data))
+                held -= want - len(data)
                 if data:
                     buffer += data
                 if len(buffer) >= size or (not data and buffer):
@@ -359,20 +370,23 @@ class Uploads:
                         data=bytes(buffer),
                     )
                     buffer.clear()
-                    await sender.send(chunk)
+                    sent, held = held, 0
+                    await sender.send(chunk, budgeted=sent)
                     appended.chunks.append((chunk.offset, len(chunk.data), chunk.command_id))
                     appended.end += len(chunk.data)
                     await self._check_not_refused(name, upload_id, appended)
                 if not data:
                     break
         except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
+            budget.give(held)
             await sender.abandon()
             raise RegistryError(
                 400,
                 errors.BLOB_UPLOAD_INVALID,
                 "the request body ended early; GET the upload for the offset to resume from",
             ) from None
-        except RegistryError:
+        except BaseException:
+            budget.give(held)
             await sender.abandon()
             raise
         expected = _declared_range_length(request)
