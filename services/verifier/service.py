@@ -158,20 +158,26 @@ class Verifier:
         return [self.dead_letter(record, DeadLetterReason.HANDLER_ERROR, repr(error))]
 
 
+# What a BlobLinked repeats of its LayerCommitted, field for field.
+_LINK_FIELDS = (
+    "repository",
+    "caused_by",
+    "occurred_at",
+    "digest",
+    "size",
+    "object_key",
+    "blob_sha256",
+    "upload_id",
+)
+
+
 def linked(committed: LayerCommitted) -> BlobLinked:
     """The repository's side of a commit. Every field comes from the LayerCommitted, itself made
     from the stored verdict, so a replayed batch publishes the very same bytes. Outside the
     repository's chain (prev_hash None): the verifier holds no repository state."""
     return BlobLinked(
         event_id=derived_id(committed.event_id, "BlobLinked"),
-        repository=committed.repository,
-        caused_by=committed.caused_by,
-        occurred_at=committed.occurred_at,
-        digest=committed.digest,
-        size=committed.size,
-        object_key=committed.object_key,
-        blob_sha256=committed.blob_sha256,
-        upload_id=committed.upload_id,
+        **{name: getattr(committed, name) for name in _LINK_FIELDS},
     )
 
 
