@@ -43,7 +43,9 @@ async def test_each_upload_is_a_hash_chain(settings):
     report = await verify_log(settings, repository="audit/chain")
     assert report.breaks == []
     assert report.uploads == {upload_id}
-    assert report.events == len(events)
+    # And the commit's BlobLinked, in the repository's partition.
+    assert report.repositories == {"audit/chain"}
+    assert report.events == len(events) + 1
     assert report.blobs == 1
 
 

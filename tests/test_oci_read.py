@@ -8,7 +8,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -28,6 +28,7 @@ from services.core.settings import Settings
 from services.oci.manifest import OCI_INDEX, OCI_MANIFEST
 from services.query.index import Index
 from services.query.replay import cut_offsets
+from services.verifier.service import linked
 from tests.conftest import own_topics, run_cli
 from tests.registry_events import (
     EventWriter,
@@ -445,6 +446,17 @@ async def test_replay_rebuilds_the_same_index(
     await writer.manifest(name, image_manifest("replayed two"), tag="latest", previous=first)
     await writer.delete_manifest(name, first, [])
     await until_status(http, f"/v2/{name}/manifests/{first}", 404)
+    live_rows, replayed_rows = await live_and_replayed(settings, query, capsys, tmp_path)
+    assert live_rows.keys() == replayed_rows.keys()
+    for table in REPOSITORY_TABLES:
+        assert live_rows[table] == replayed_rows[table], table
+    assert any(row[0] == name for row in live_rows["manifests"])
+
+
+async def live_and_replayed(
+    settings: Settings, query: Settings, capsys, tmp_path: Path
+) -> tuple[dict[str, list[tuple[object, ...]]], dict[str, list[tuple[object, ...]]]]:
+    """The live index's repository tables once it holds the whole log, and a replay's of it."""
     cut = await cut_offsets(settings)
     live = Index(query.index_path)
 
@@ -457,12 +469,74 @@ async def test_replay_rebuilds_the_same_index(
     out = tmp_path / "replayed.sqlite"
     status, _, err = await run_cli(capsys, "replay", *until, "--out", str(out))
     assert status == 0, err
-    live_rows = await asyncio.to_thread(_tables, Path(query.index_path))
-    replayed_rows = await asyncio.to_thread(_tables, out)
-    assert live_rows.keys() == replayed_rows.keys()
-    for table in REPOSITORY_TABLES:
-        assert live_rows[table] == replayed_rows[table], table
-    assert any(row[0] == name for row in live_rows["manifests"])
+    return await asyncio.to_thread(_tables, Path(query.index_path)), await asyncio.to_thread(
+        _tables, out
+    )
+
+
+async def push(
+    writer: EventWriter, repository: str, data: bytes, object_key: str, at: datetime
+) -> None:
+    """A blob's commit as the verifier publishes it, stamped `at` by the verifier's clock: the
+    LayerCommitted keyed by its upload, the BlobLinked keyed by the repository."""
+    upload_id = new_id()
+    digest = digest_of(data)
+    committed = LayerCommitted(
+        event_id=new_id(),
+        upload_id=upload_id,
+        repository=repository,
+        caused_by=new_id(),
+        occurred_at=at,
+        digest=digest,
+        size=len(data),
+        object_key=object_key,
+        committed_at=at,
+        blob_sha256=digest,
+    )
+    await writer.raw(upload_id, CODEC.encode(committed))
+    await writer.events(linked(committed))
+
+
+async def test_blob_links_follow_the_log_not_the_clocks(
+    settings: Settings,
+    query: Settings,
+    http,
+    writer,
+    store: ObjectStore,
+    cli_env,
+    capsys,
+    tmp_path: Path,
+):
+    data = b"linked, unlinked, linked again " * 500
+    digest = digest_of(data)
+    key = f"blobs/test/{new_id()}"
+    await store.put(key, data)
+    base = now()
+    relinked, unlinked = unique_repository("oci/relinked"), unique_repository("oci/unlinked")
+    # Pushed, unlinked by a worker whose clock is 10 s ahead, pushed again by the verifier,
+    # whose clock is right: the log says linked, though the unlink's time is the later.
+    await push(writer, relinked, data, key, base)
+    late = base + timedelta(seconds=10)
+    await writer.events(
+        repository_event(BlobUnlinked, relinked, new_id(), digest=digest, occurred_at=late)
+    )
+    await push(writer, relinked, data, key, base + timedelta(seconds=5))
+    # Pushed by a verifier whose clock is 20 s ahead, then unlinked: gone, though the commit's
+    # time is the later.
+    await push(writer, unlinked, data, key, base + timedelta(seconds=20))
+    await writer.events(
+        repository_event(BlobUnlinked, unlinked, new_id(), digest=digest, occurred_at=late)
+    )
+    live_rows, replayed_rows = await live_and_replayed(settings, query, capsys, tmp_path)
+    assert await status_of(http, f"/v2/{relinked}/blobs/{digest}") == 200
+    assert await status_of(http, f"/v2/{unlinked}/blobs/{digest}") == 404
+    # Links are decided inside the repository's partition: the replay, which reads the
+    # partitions in another interleaving, agrees row for row.
+    assert live_rows["blob_links"] == replayed_rows["blob_links"]
+    assert {row[:3] for row in live_rows["blob_links"] if row[0] in (relinked, unlinked)} == {
+        (relinked, digest, 1),
+        (unlinked, digest, 0),
+    }
 
 
 async def test_a_replay_until_a_time_serves_what_a_tag_pointed_to_then(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -12,9 +13,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from services.oci.manifest import OCI_MANIFEST
 from tests.conftest import registry_process, wait_for_query
 
 MIB = 1 << 20
+CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
+LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 def sha256(data: bytes) -> str:
@@ -183,6 +187,50 @@ async def test_unlink_of_an_unknown_blob_is_404(http):
     async with http.delete(f"/v2/registry/unlink/blobs/{sha256(b'never pushed')}") as response:
         assert response.status == 404
         assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+async def head_status(http: aiohttp.ClientSession, name: str, digest: str) -> int:
+    async with http.head(f"/v2/{name}/blobs/{digest}") as response:
+        return response.status
+
+
+async def test_unlinked_then_pushed_again_is_there_and_a_manifest_may_name_it(http):
+    """Each answer is final: a DELETE's 202 means HEAD says 404, a push's 201 that HEAD says 200
+    and a manifest naming the blob is accepted. Every re-push is a second copy of known bytes
+    (the verifier's dedupe), alternately in one POST and as POST then PUT."""
+    name = "registry/relink"
+    config = b'{"architecture":"amd64","os":"linux","relink":true}'
+    layer = os.urandom(32 * 1024)
+    for data in (config, layer):
+        async with http.post(
+            f"/v2/{name}/blobs/uploads/", params={"digest": sha256(data)}, data=data
+        ) as response:
+            assert response.status == 201, await response.text()
+    for round_ in range(20):
+        async with http.delete(f"/v2/{name}/blobs/{sha256(layer)}") as response:
+            assert response.status == 202, (round_, await response.text())
+        assert await head_status(http, name, sha256(layer)) == 404, round_
+        if round_ % 2:
+            location = await start(http, name)
+            pushed = http.put(location, params={"digest": sha256(layer)}, data=layer)
+        else:
+            url = f"/v2/{name}/blobs/uploads/"
+            pushed = http.post(url, params={"digest": sha256(layer)}, data=layer)
+        async with pushed as response:
+            assert response.status == 201, (round_, await response.text())
+        assert await head_status(http, name, sha256(layer)) == 200, round_
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": CONFIG_TYPE, "digest": sha256(config), "size": len(config)},
+                "layers": [{"mediaType": LAYER_TYPE, "digest": sha256(layer), "size": len(layer)}],
+                "annotations": {"round": str(round_)},
+            }
+        ).encode()
+        headers = {"Content-Type": OCI_MANIFEST}
+        async with http.put(f"/v2/{name}/manifests/r{round_}", data=manifest, headers=headers) as r:
+            assert r.status == 201, (round_, await r.text())
 
 
 async def wait_for_offset(http: aiohttp.ClientSession, location: str, offset: int) -> None:

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from services.audit.verify import verify_log
 from services.client import LayerService
 from services.core.codec import CODEC, event_hash
-from services.core.records import DeleteTag, ManifestStored, MountBlob, TagMoved
+from services.core.records import BlobLinked, DeleteTag, ManifestStored, MountBlob, TagMoved
 from services.oci.manifest import OCI_MANIFEST
 from tests.conftest import settings_env
 from tests.repository_log import RepositoryLog, image_manifest, produce, put, sha256
@@ -152,3 +152,30 @@ async def test_a_forged_body_with_its_own_digest_is_caught_by_the_next_event(set
         (more.raw(repo)[-1].offset, type(events[-1]).__name__)
     ]
     assert "prev_hash" in report.breaks[0].problem
+
+
+async def test_a_blob_link_its_upload_did_not_commit_is_reported(settings):
+    """BlobLinked is outside the repository's chain, so the chain cannot vouch for it: its
+    upload's LayerCommitted must say the same repository, digest and object."""
+    repo = f"audit/linked-{uuid.uuid4().hex[:8]}"
+    data = f"pushed into {repo} ".encode() * 3000
+    async with LayerService(settings, chunk_size=64 * 1024, finish_timeout=60) as service:
+        upload = await service.upload(repo)
+        await upload.write(data)
+        await upload.finish(len(data), sha256(data))
+    async with RepositoryLog(settings, [repo]) as log:
+        (link,) = await log.wait_for(1, repo)
+    assert isinstance(link, BlobLinked) and link.upload_id == upload.uuid
+    assert link.prev_hash is None and link.digest == sha256(data)
+    report = await verify_log(settings, repository=repo)
+    assert report.breaks == [] and report.blobs == 1
+    orphan = replace(link, event_id="forged-1", upload_id=str(uuid.uuid4()))
+    elsewhere = replace(link, event_id="forged-2", object_key=f"blobs/{uuid.uuid4()}")
+    offsets = await inject(settings, repo, orphan, elsewhere)
+    report = await verify_log(settings, repository=repo, check_blobs=False)
+    assert [(b.offset, b.event, b.repository) for b in report.breaks] == [
+        (offsets[0], "BlobLinked", repo),
+        (offsets[1], "BlobLinked", repo),
+    ]
+    assert "no LayerCommitted" in report.breaks[0].problem
+    assert "object_key" in report.breaks[1].problem

@@ -7,7 +7,9 @@ band breaks the link after it (or its own); a blob changed in storage no longer 
 its LayerCommitted (or BlobMounted) recorded, and a manifest's stored copy no longer equals the
 bytes its ManifestStored carries. CommandRejected and RepositoryCommandRejected events are
 outside the chains (they change nothing), and so are upload events written before schema v2
-introduced prev_hash.
+introduced prev_hash. BlobLinked is outside the repository's chain too (the verifier writes it
+with the upload's LayerCommitted, holding no repository state): each must match the LayerCommitted
+of its upload, so one forged into a repository's partition is reported.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from services.core.codec import event_hash
 from services.core.eventlog import read_partition
 from services.core.objectstore import ObjectNotFound, ObjectStore
 from services.core.records import (
+    BlobLinked,
     BlobMounted,
     CommandRejected,
     Event,
@@ -73,6 +76,9 @@ async def verify_log(
     repository_heads: dict[str, str] = {}
     blobs: list[tuple[int, int, Stored]] = []
     manifests: list[tuple[int, int, ManifestStored]] = []
+    # Links and commits live in different partitions: matched once the whole log is read.
+    links: list[tuple[int, int, BlobLinked]] = []
+    commits: dict[str, LayerCommitted] = {}
     for partition in await _partitions(settings):
         async for logged in read_partition(settings, settings.events_topic, partition):
             event = logged.record
@@ -82,6 +88,9 @@ async def verify_log(
                 report.events += 1
                 report.repositories.add(event.repository)
                 if isinstance(event, RepositoryCommandRejected):
+                    continue
+                if isinstance(event, BlobLinked):
+                    links.append((partition, logged.offset, event))
                     continue
                 head = repository_heads.get(event.repository)
                 problem = _repository_link_problem(event, head) or _manifest_problem(event)
@@ -114,6 +123,11 @@ async def verify_log(
             heads[event.upload_id] = event_hash(logged.raw)
             if isinstance(event, LayerCommitted):
                 blobs.append((partition, logged.offset, event))
+                commits[event.upload_id] = event
+    for partition, offset, link in links:
+        problem = _link_commit_problem(link, commits.get(link.upload_id))
+        if problem:
+            report.breaks.append(_break(partition, offset, link, problem))
     if check_blobs:
         store = ObjectStore(settings)
         await _check_blobs(store, blobs, report)
@@ -147,6 +161,18 @@ def _repository_link_problem(event: RepositoryEvent, head: str | None) -> str | 
     if event.prev_hash is None:
         return "starts a new chain, but the repository has events before it"
     return _prev_hash_problem(event.prev_hash, head)
+
+
+def _link_commit_problem(link: BlobLinked, commit: LayerCommitted | None) -> str | None:
+    """A BlobLinked must repeat what its upload's (unbroken) LayerCommitted says."""
+    if link.prev_hash is not None:
+        return "links into the repository's chain, which a BlobLinked is outside of"
+    if commit is None:
+        return f"upload {link.upload_id} has no LayerCommitted"
+    for name in ("repository", "digest", "object_key", "size", "blob_sha256"):
+        if getattr(link, name) != getattr(commit, name):
+            return f"its {name} is not the one upload {link.upload_id}'s LayerCommitted names"
+    return None
 
 
 def _prev_hash_problem(prev_hash: str | None, head: str) -> str | None:

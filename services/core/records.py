@@ -323,6 +323,19 @@ class BlobMounted(RepositoryEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class BlobLinked(RepositoryEvent):
+    """A pushed blob was linked into the repository: the verifier's LayerCommitted, put in the
+    repository's partition (same transaction) so that links and unlinks are ordered by the log.
+    Outside the repository's hash chain; the audit matches it to its upload's LayerCommitted."""
+
+    digest: str
+    size: int
+    object_key: str
+    blob_sha256: str
+    upload_id: str  # the upload whose LayerCommitted it accompanies
+
+
+@dataclass(frozen=True, kw_only=True)
 class BlobUnlinked(RepositoryEvent):
     digest: str
 
@@ -353,6 +366,7 @@ REPOSITORY_EVENT_TYPES: tuple[type[RepositoryEvent], ...] = (
     TagDeleted,
     ManifestDeleted,
     BlobMounted,
+    BlobLinked,
     BlobUnlinked,
     RepositoryCommandRejected,
 )

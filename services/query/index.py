@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from services.core.records import (
+    BlobLinked,
     BlobMounted,
     BlobUnlinked,
     ChunkAppended,
@@ -96,20 +97,18 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (repository, tag)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_digest ON tags (repository, digest);
--- Whether a blob is in a repository. Mounts and unlinks are keyed by repository (one partition,
--- applied in order); LayerCommitted is keyed by upload id, another partition, which a replay may
--- read before or after them. So a commit counts by time (pushed_at, the latest commit, against
--- unlinked_at, the latest unlink) rather than by the order the projection saw them in: live and
--- replayed indexes agree.
+-- Whether a blob is in a repository: the last of its BlobLinked (a push), BlobMounted and
+-- BlobUnlinked events. All three are keyed by the repository, so they are in one partition, in
+-- causal order; a live index and a replay apply them in that order and agree, whatever order the
+-- other partitions come in, and no clock is compared. A LayerCommitted only counts where no link
+-- event exists at all (a log from before BlobLinked existed).
 CREATE TABLE IF NOT EXISTS blob_links (
     repository  TEXT NOT NULL,
     digest      TEXT NOT NULL,
-    mounted     INTEGER NOT NULL DEFAULT 0,
+    linked      INTEGER NOT NULL,
     size        INTEGER,
     object_key  TEXT,
-    mounted_at  INTEGER,
-    pushed_at   INTEGER,
-    unlinked_at INTEGER,
+    linked_at   INTEGER,
     PRIMARY KEY (repository, digest)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blob_links_by_digest ON blob_links (digest);
@@ -134,7 +133,27 @@ CREATE TABLE IF NOT EXISTS offsets (
 
 
 # A blob_links row that says the blob is in its repository.
-_LINKED = "(mounted = 1 OR (pushed_at IS NOT NULL AND coalesce(unlinked_at, -1) < pushed_at))"
+_LINKED = "linked = 1"
+# An index written before links followed the log: its blob_links rows compared a push's time
+# with an unlink's. They move to the new table with what they said then, in one transaction (a
+# crash half-way leaves the old table as it was); the log's next link event decides from there.
+_FROM_BLOB_LINKS_BY_TIME = (
+    "INSERT INTO blob_links (repository, digest, linked, size, object_key, linked_at) "
+    "SELECT repository, digest, (mounted = 1 OR (pushed_at IS NOT NULL AND "
+    "coalesce(unlinked_at, -1) < pushed_at)), size, object_key, "
+    "coalesce(mounted_at, pushed_at, unlinked_at) FROM blob_links_by_time;"
+)
+
+
+def _schema_script(db: sqlite3.Connection) -> str:
+    columns = {c[1] for c in db.execute("PRAGMA table_info(blob_links)")}
+    if "pushed_at" not in columns:
+        return SCHEMA
+    return (
+        "BEGIN; ALTER TABLE blob_links RENAME TO blob_links_by_time; "
+        f"DROP INDEX IF EXISTS blob_links_by_digest; {SCHEMA} {_FROM_BLOB_LINKS_BY_TIME} "
+        "DROP TABLE blob_links_by_time; COMMIT;"
+    )
 
 
 class UploadStates:
@@ -239,7 +258,7 @@ class Index:
         self._local = threading.local()
         if not read_only:
             with self._connection() as db:
-                db.executescript(SCHEMA)
+                db.executescript(_schema_script(db))
 
     def _connection(self) -> sqlite3.Connection:
         # One connection per thread: SQLite connections must not be shared across threads, and
@@ -326,20 +345,20 @@ class Index:
         """The blob as its repository has it: pushed (and not unlinked since), or mounted."""
         db = self._connection()
         link = db.execute(
-            f"SELECT size, object_key, mounted_at, {_LINKED} FROM blob_links "
+            f"SELECT size, object_key, linked_at, {_LINKED} FROM blob_links "
             "WHERE repository = ? AND digest = ?",
             (repository, digest),
         ).fetchone()
         if link is None:
-            return self.layer(repository, digest)  # an index from before blob links existed
-        size, object_key, mounted_at, linked = link
+            return self.layer(repository, digest)  # a log from before BlobLinked existed
+        size, object_key, linked_at, linked = link
         if not linked:
             return None
         # Pushed or mounted, the same bytes: a push's row has the time they were created.
         layer = self.layer(repository, digest)
         if layer is not None:
             return layer
-        return LayerRow(repository, digest, size, object_key, mounted_at)
+        return LayerRow(repository, digest, size, object_key, linked_at)
 
     def manifest(self, repository: str, digest: str) -> ManifestRow | None:
         row = (
@@ -527,12 +546,6 @@ class Index:
                     event.upload_id,
                 ),
             )
-            db.execute(
-                "INSERT INTO blob_links (repository, digest, pushed_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (repository, digest) DO UPDATE SET "
-                "pushed_at = max(coalesce(pushed_at, 0), excluded.pushed_at)",
-                (event.repository, event.digest, _ms(event.committed_at)),
-            )
             self._set_state(db, event, UploadStates.COMMITTED, digest=event.digest, size=event.size)
         elif isinstance(event, LayerValidationFailed):
             self._set_state(
@@ -565,7 +578,8 @@ class Index:
 
     def _apply_repository(self, db: sqlite3.Connection, event: RepositoryEvent) -> None:
         at = _ms(event.occurred_at)
-        if event.caused_by:
+        # A BlobLinked's cause is the upload's FinishUpload, not a repository command.
+        if event.caused_by and not isinstance(event, BlobLinked):
             rejected = isinstance(event, RepositoryCommandRejected)
             db.execute(
                 "INSERT OR IGNORE INTO outcomes (command_id, event_id, repository, kind, "
@@ -616,6 +630,14 @@ def _repository_digest(event: Any, _at: int) -> tuple[Any, ...]:
     return (event.repository, event.digest)
 
 
+# A push (BlobLinked) or a mount (BlobMounted): linked, whatever came before in the partition.
+_LINK = (
+    "INSERT INTO blob_links (repository, digest, linked, size, object_key, linked_at) "
+    "VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (repository, digest) DO UPDATE SET linked = 1, "
+    "size = excluded.size, object_key = excluded.object_key, linked_at = excluded.linked_at",
+    lambda e, at: (e.repository, e.digest, e.size, e.object_key, at),
+)
+
 # The repository events other than ManifestStored, each as its statements and their parameters
 # (the event and its time in ms).
 _REPOSITORY_STATEMENTS: dict[
@@ -635,20 +657,13 @@ _REPOSITORY_STATEMENTS: dict[
         (f"DELETE FROM {table} WHERE repository = ? AND digest = ?", _repository_digest)
         for table in ("tags", "manifests")
     ),
-    BlobMounted: (
-        (
-            "INSERT INTO blob_links (repository, digest, mounted, size, object_key, mounted_at) "
-            "VALUES (?, ?, 1, ?, ?, ?) ON CONFLICT (repository, digest) DO UPDATE SET "
-            "mounted = 1, size = excluded.size, object_key = excluded.object_key, "
-            "mounted_at = excluded.mounted_at",
-            lambda e, at: (e.repository, e.digest, e.size, e.object_key, at),
-        ),
-    ),
+    BlobLinked: (_LINK,),
+    BlobMounted: (_LINK,),
     BlobUnlinked: (
         (
-            "INSERT INTO blob_links (repository, digest, mounted, unlinked_at) VALUES (?, ?, 0, ?) "
-            "ON CONFLICT (repository, digest) DO UPDATE SET mounted = 0, "
-            "unlinked_at = max(coalesce(unlinked_at, 0), excluded.unlinked_at)",
+            "INSERT INTO blob_links (repository, digest, linked, linked_at) VALUES (?, ?, 0, ?) "
+            "ON CONFLICT (repository, digest) DO UPDATE SET linked = 0, "
+            "linked_at = excluded.linked_at",
             lambda e, at: (e.repository, e.digest, at),
         ),
     ),

@@ -335,7 +335,7 @@ class Uploads:
 
         row = await self.watch.until(final, VERDICT_SECONDS, "the upload's verdict")
         if row.state == UploadStates.COMMITTED:
-            return web.Response(status=201, headers=blob_headers(name, digest))
+            return await self._linked(name, digest)
         if row.state == UploadStates.FAILED:
             raise _failure(row)
         raise _unknown_upload(upload_id, f"is {row.state}")
@@ -461,10 +461,18 @@ class Uploads:
                 raise _chunk_refusal(name, upload_id, seen)
             raise _finish_refusal(upload_id, seen)
         if seen.state == UploadStates.COMMITTED:
-            return web.Response(status=201, headers=blob_headers(name, digest))
+            return await self._linked(name, digest)
         if seen.state == UploadStates.FAILED:
             raise _failure(seen)
         raise _unknown_upload(upload_id, f"is {seen.state}")
+
+    async def _linked(self, name: str, digest: str) -> web.Response:
+        """201 once the commit's BlobLinked is in the index too: it travels in the repository's
+        partition, which may be projected after the upload's, and a HEAD right after must see it."""
+        await self.watch.until(
+            lambda: self.index.blob(name, digest), DURABLE_SECONDS, "the blob's link"
+        )
+        return web.Response(status=201, headers=blob_headers(name, digest))
 
     async def _outcome(self, command: RepositoryCommand, what: str) -> Outcome:
         return await await_outcome(self.watch, self.index, command, what, DURABLE_SECONDS)

@@ -1,6 +1,7 @@
 """The verifier: on UploadFinished, checks the staged bytes and publishes the verdict.
 
-LayerCommitted makes the layer visible under its digest; LayerValidationFailed removes the staged
+LayerCommitted makes the layer visible under its digest, and a BlobLinked in the same transaction,
+keyed by the repository, links it into the repository; LayerValidationFailed removes the staged
 bytes. The verdict is stored (verdicts/<uuid>.json) before it is published, so a verifier that
 crashes between the two publishes the same verdict when the event is replayed.
 """
@@ -20,6 +21,7 @@ from services.core.layout import BlobPointer
 from services.core.objectstore import ObjectNotFound, ObjectStore
 from services.core.processor import Output, Processor, dead_letter
 from services.core.records import (
+    BlobLinked,
     DeadLetterReason,
     Event,
     LayerCommitted,
@@ -61,9 +63,14 @@ class Verifier:
             return []
         # The verdict continues the upload's hash chain from the UploadFinished it answers.
         published = self.verdict_event(event, verdict, event_hash(record.value or b""))
-        return [
-            Output(self.settings.events_topic, event.upload_id.encode(), CODEC.encode(published))
-        ]
+        topic = self.settings.events_topic
+        outputs = [Output(topic, event.upload_id.encode(), CODEC.encode(published))]
+        if isinstance(published, LayerCommitted):
+            # In the same transaction, keyed by the repository: the link lands in the partition
+            # of the repository's unlinks and mounts, so the log orders them, not the clocks.
+            link = linked(published)
+            outputs.append(Output(topic, event.repository.encode(), CODEC.encode(link)))
+        return outputs
 
     async def decide(self, event: UploadFinished, source: str) -> Verdict | None:
         """The verdict to publish for this record, or None if another record got it already."""
@@ -149,6 +156,29 @@ class Verifier:
 
     def on_error(self, record: ConsumerRecord, error: Exception) -> list[Output]:
         return [self.dead_letter(record, DeadLetterReason.HANDLER_ERROR, repr(error))]
+
+
+# What a BlobLinked repeats of its LayerCommitted, field for field.
+_LINK_FIELDS = (
+    "repository",
+    "caused_by",
+    "occurred_at",
+    "digest",
+    "size",
+    "object_key",
+    "blob_sha256",
+    "upload_id",
+)
+
+
+def linked(committed: LayerCommitted) -> BlobLinked:
+    """The repository's side of a commit. Every field comes from the LayerCommitted, itself made
+    from the stored verdict, so a replayed batch publishes the very same bytes. Outside the
+    repository's chain (prev_hash None): the verifier holds no repository state."""
+    return BlobLinked(
+        event_id=derived_id(committed.event_id, "BlobLinked"),
+        **{name: getattr(committed, name) for name in _LINK_FIELDS},
+    )
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
