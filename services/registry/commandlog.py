@@ -55,9 +55,7 @@ class ByteBudget:
 
     async def take(self, count: int) -> None:
         async with self._changed:
-            await self._changed.wait_for(
-                lambda: self.used == 0 or self.used + count <= self.limit
-            )
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + count <= self.limit)
             self.used += count
 
     def give(self, count: int) -> None:
