@@ -41,3 +41,10 @@ async def test_many_waiters_each_get_their_turn():
 
     await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(6))), 5)
     assert sorted(order) == list(range(6)) and budget.used == 0
+
+
+async def test_try_take_takes_only_what_needs_no_wait():
+    budget = ByteBudget(10)
+    assert budget.try_take(8) and budget.used == 8
+    assert not budget.try_take(3) and budget.used == 8
+    assert budget.try_take(2) and budget.used == 10

@@ -266,3 +266,29 @@ async def test_an_upload_moves_between_registry_processes(http, settings, tmp_pa
         assert await blob_of(http, name, sha256(data)) == data
     finally:
         other.stop()
+
+
+async def test_concurrent_streamed_patches_share_the_body_budget_and_all_commit(http):
+    """Twelve streams of 24 MiB against a 32 MiB process budget: each waits its turn, none holds
+    a half-gathered chunk while waiting (that deadlocked once), and every blob commits."""
+    piece = os.urandom(MIB)
+
+    async def one(number: int) -> None:
+        name = f"registry/budget-{number}"
+        tail = number.to_bytes(4, "big")
+        digest = sha256(piece * 24 + tail)
+
+        async def body():
+            for _ in range(24):
+                yield piece
+            yield tail
+
+        location = await start(http, name)
+        async with http.patch(location, data=body()) as response:
+            assert response.status == 202, await response.text()
+        async with http.put(location, params={"digest": digest}) as response:
+            assert response.status == 201, await response.text()
+        async with http.head(f"/v2/{name}/blobs/{digest}") as response:
+            assert response.status == 200
+
+    await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(12))), 240)

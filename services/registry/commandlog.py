@@ -53,6 +53,16 @@ class ByteBudget:
         self.used = 0
         self._changed = asyncio.Condition()
 
+    def can_take(self, count: int) -> bool:
+        return self.used == 0 or self.used + count <= self.limit
+
+    def try_take(self, count: int) -> bool:
+        """Takes the bytes if that needs no wait (no await between the check and the take)."""
+        if not self.can_take(count):
+            return False
+        self.used += count
+        return True
+
     async def take(self, count: int) -> None:
         async with self._changed:
             await self._changed.wait_for(lambda: self.used == 0 or self.used + count <= self.limit)

@@ -355,7 +355,13 @@ class Uploads:
                 # Taken before the bytes are read, in small steps: a slow client holds only
                 # what it sent, and the process never holds more body than its budget.
                 want = min(READ_STEP, size - len(buffer))
-                await budget.take(want)
+                if not budget.try_take(want):
+                    if buffer:
+                        # Send what is gathered rather than wait holding it: requests that each
+                        # held part of a chunk while waiting for more would wait forever.
+                        sent, held = held, 0
+                        await self._send_chunk(sender, name, upload_id, appended, buffer, sent)
+                    await budget.take(want)
                 held += want
                 data = await request.content.read(want)
                 budget.give(want - len(data))
@@ -363,18 +369,8 @@ class Uploads:
                 if data:
                     buffer += data
                 if len(buffer) >= size or (not data and buffer):
-                    chunk = AppendChunk(
-                        upload_id=upload_id,
-                        repository=name,
-                        offset=appended.end,
-                        data=bytes(buffer),
-                    )
-                    buffer.clear()
                     sent, held = held, 0
-                    await sender.send(chunk, budgeted=sent)
-                    appended.chunks.append((chunk.offset, len(chunk.data), chunk.command_id))
-                    appended.end += len(chunk.data)
-                    await self._check_not_refused(name, upload_id, appended)
+                    await self._send_chunk(sender, name, upload_id, appended, buffer, sent)
                 if not data:
                     break
         except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
@@ -399,6 +395,25 @@ class Uploads:
                 f"{appended.end - appended.start}",
             )
         return appended
+
+    async def _send_chunk(
+        self,
+        sender: Sender,
+        name: str,
+        upload_id: str,
+        appended: Appended,
+        buffer: bytearray,
+        budgeted: int,
+    ) -> None:
+        """Sends the gathered bytes as one AppendChunk; its budget goes back when Kafka has it."""
+        chunk = AppendChunk(
+            upload_id=upload_id, repository=name, offset=appended.end, data=bytes(buffer)
+        )
+        buffer.clear()
+        await sender.send(chunk, budgeted=budgeted)
+        appended.chunks.append((chunk.offset, len(chunk.data), chunk.command_id))
+        appended.end += len(chunk.data)
+        await self._check_not_refused(name, upload_id, appended)
 
     async def _check_not_refused(self, name: str, upload_id: str, appended: Appended) -> None:
         """Mid-stream, stops reading a body whose chunks the worker already refused."""
