@@ -337,6 +337,9 @@ class Processor:
             log.warning("%s: fenced on partition %d", self.name, tp.partition)
             metrics.COMMIT_FAILURES.labels(tp.topic, "fenced").inc()
             await self._forget_producer(tp.partition)
+            # Another replica may be applying this partition now: what we cached of its state
+            # (uploads, repositories) may be behind that replica's writes, so read it afresh.
+            self.on_revoked({tp})
             self._rewind(tp, records[0].offset)
             return False
         except KafkaError as error:
