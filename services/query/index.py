@@ -132,6 +132,13 @@ CREATE TABLE IF NOT EXISTS offsets (
 """
 
 
+# In a layers upsert: the commit being applied is newer than every one applied before it. (An
+# index from before blob links existed may lack the blob_links row: then it is.)
+_NEWEST_COMMIT = (
+    "(excluded.committed_at, excluded.object_key) > (coalesce((SELECT b.pushed_at FROM "
+    "blob_links b WHERE b.repository = excluded.repository AND b.digest = excluded.digest), -1), "
+    "object_key)"
+)
 # A blob_links row that says the blob is in its repository.
 _LINKED = "linked = 1"
 # An index written before links followed the log: its blob_links rows compared a push's time
@@ -533,10 +540,23 @@ class Index:
         elif isinstance(event, UploadFinished):
             self._set_state(db, event, UploadStates.FINISHING, digest=event.digest, size=event.size)
         elif isinstance(event, LayerCommitted):
+            # Two uploads of one digest to one repository (two pushes sharing a base layer)
+            # commit on two partitions, keyed by their upload ids, which a replay may apply in
+            # the other order. So, as in blob_links, time decides, not the order applied: the
+            # row was created by the earliest commit (committed_at, then upload_id), and its
+            # bytes are where the latest commit (committed_at, then object_key) put them, which
+            # is a new copy when the first one was removed. blob_links.pushed_at, updated just
+            # below, still holds the latest commit applied before this one.
             db.execute(
                 "INSERT INTO layers (repository, digest, size, object_key, committed_at, "
                 "upload_id) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (repository, digest) "
-                "DO UPDATE SET size = excluded.size, object_key = excluded.object_key",
+                "DO UPDATE SET "
+                f"size = CASE WHEN {_NEWEST_COMMIT} THEN excluded.size ELSE size END, "
+                f"object_key = CASE WHEN {_NEWEST_COMMIT} THEN excluded.object_key "
+                "ELSE object_key END, "
+                "committed_at = min(committed_at, excluded.committed_at), "
+                "upload_id = CASE WHEN (excluded.committed_at, excluded.upload_id) < "
+                "(committed_at, upload_id) THEN excluded.upload_id ELSE upload_id END",
                 (
                     event.repository,
                     event.digest,

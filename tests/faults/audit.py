@@ -13,7 +13,7 @@ from pathlib import Path
 from services.client import LayerService
 from services.core.eventlog import read_partition
 from services.core.objectstore import ObjectStore
-from services.core.records import VERDICTS, LayerCommitted
+from services.core.records import VERDICTS, LayerCommitted, RepositoryEvent
 from services.core.settings import Settings
 from services.query.replay import cut_offsets, rebuild
 
@@ -33,7 +33,9 @@ async def events_by_upload(settings: Settings) -> dict[str, list[object]]:
     found: dict[str, list[object]] = defaultdict(list)
     for partition in range(settings.partitions):
         async for logged in read_partition(settings, settings.events_topic, partition):
-            if logged.record is not None:
+            # Repository events (manifests, tags, blob links) share the topic, keyed by
+            # repository: they belong to no upload.
+            if logged.record is not None and not isinstance(logged.record, RepositoryEvent):
                 found[logged.record.upload_id].append(logged.record)
     return found
 
@@ -63,6 +65,11 @@ TABLES = {
     "layers": "SELECT * FROM layers ORDER BY repository, digest",
     "uploads": "SELECT * FROM uploads ORDER BY upload_id",
     "rejections": "SELECT * FROM rejections ORDER BY command_id",
+    # What the registry's pushes leave: every index projects them, the query service's too.
+    "manifests": "SELECT * FROM manifests ORDER BY repository, digest",
+    "tags": "SELECT * FROM tags ORDER BY repository, tag",
+    "blob_links": "SELECT * FROM blob_links ORDER BY repository, digest",
+    "outcomes": "SELECT * FROM outcomes ORDER BY command_id, event_id",
 }
 
 
@@ -83,12 +90,16 @@ def _offsets(path: str, topic: str) -> dict[int, int]:
         db.close()
 
 
-async def assert_index_matches_replay(settings: Settings, tmp: Path) -> None:
-    """The live index, once caught up, equals one rebuilt from the log alone."""
+async def assert_index_matches_replay(
+    settings: Settings, tmp: Path, index_path: str | None = None
+) -> None:
+    """The live index (the query service's, or the one at index_path: a registry's), once caught
+    up, equals one rebuilt from the log alone."""
+    index_path = index_path or settings.index_path
     cut = await cut_offsets(settings)
     deadline = time.monotonic() + 60
     while True:
-        live = await asyncio.to_thread(_offsets, settings.index_path, settings.events_topic)
+        live = await asyncio.to_thread(_offsets, index_path, settings.events_topic)
         if all(live.get(p, 0) >= offset for p, offset in cut.items() if offset):
             break
         assert time.monotonic() < deadline, f"live index stuck at {live}, log at {cut}"
@@ -96,7 +107,9 @@ async def assert_index_matches_replay(settings: Settings, tmp: Path) -> None:
     cut = {p: live.get(p, 0) for p in cut}
     replayed = tmp / f"replayed-{time.monotonic_ns()}.sqlite"
     await rebuild(settings, replayed, cut)
-    live_rows = await asyncio.to_thread(_rows, settings.index_path)
+    live_rows = await asyncio.to_thread(_rows, index_path)
     replayed_rows = await asyncio.to_thread(_rows, str(replayed))
     for table in TABLES:
-        assert live_rows[table] == replayed_rows[table], f"{table} differs from the replay"
+        assert live_rows[table] == replayed_rows[table], (
+            f"{index_path}: {table} differs from the replay"
+        )

@@ -13,17 +13,22 @@ import pytest
 from services.core.objectstore import ObjectStore
 from services.core.provision import provision
 from services.core.settings import Settings
-from tests.conftest import ServiceProcess, free_port, wait_for_query
+from tests.conftest import ServiceProcess, free_port, registry_process, wait_for_query
+from tests.registry.conftest import REGISTRY_START_TIMEOUT, wait_for_registry
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_dir: Path, registry: ServiceProcess | None = None
+    ) -> None:
         self.settings = settings
         self.services = {
             "upload-worker": ServiceProcess("upload-worker", settings, log_dir),
             "verifier": ServiceProcess("verifier", settings, log_dir),
             "query": ServiceProcess("query", settings, log_dir),
         }
+        if registry is not None:
+            self.services["registry"] = registry
 
     def __getitem__(self, name: str) -> ServiceProcess:
         return self.services[name]
@@ -32,6 +37,12 @@ class Pipeline:
         for service in self.services.values():
             service.start()
         await wait_for_query(self.settings)
+        if "registry" in self.services:
+            await self.wait_for_registry()
+
+    async def wait_for_registry(self) -> None:
+        registry = self.services["registry"]
+        await wait_for_registry(registry, registry.settings.registry_url, REGISTRY_START_TIMEOUT)
 
     def stop(self) -> None:
         for service in self.services.values():
@@ -67,6 +78,19 @@ async def fault_settings(settings: Settings, tmp_path: Path) -> AsyncIterator[Se
 @pytest.fixture()
 async def pipeline(fault_settings: Settings, tmp_path: Path) -> AsyncIterator[Pipeline]:
     running = Pipeline(fault_settings, tmp_path)
+    await running.start()
+    yield running
+    running.stop()
+    print(running.logs())
+
+
+@pytest.fixture()
+async def registry_pipeline(
+    fault_settings: Settings, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Pipeline]:
+    """The pipeline with an OCI registry beside it, on a free port with an index of its own
+    (the registry ServiceProcess's .settings name both)."""
+    running = Pipeline(fault_settings, tmp_path, registry_process(fault_settings, tmp_path_factory))
     await running.start()
     yield running
     running.stop()

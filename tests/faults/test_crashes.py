@@ -1,5 +1,7 @@
-"""kill -9 of each service at random moments during 50 concurrent uploads: nothing lost, nothing
-committed twice, nothing left staged, and the index equals a replay of the log."""
+"""kill -9 of each service (the registry too) at random moments during 50 concurrent SDK uploads
+and crane pushes: nothing lost, nothing committed twice, nothing left staged, every pushed image
+pulls back byte for byte, every tag names its last successful push, and each index (the query
+service's and the registry's) equals a replay of the log."""
 
 from __future__ import annotations
 
@@ -10,7 +12,16 @@ import random
 import pytest
 
 from services.client import LayerError, LayerInvalidDigest, LayerService
-from tests.faults.audit import Outcomes, assert_consistent
+from tests.faults.audit import Outcomes, assert_consistent, assert_index_matches_replay
+from tests.faults.pushes import (
+    Pushes,
+    assert_manifest_puts_applied_once,
+    assert_pushes_pull_back,
+    assert_tags_point_at_last_push,
+    run_pushes,
+    until_crane_runs,
+    until_manifest_put_logged,
+)
 from tests.layers import random_gzip_layer, uneven_pieces
 
 UPLOADS = 50
@@ -57,26 +68,65 @@ async def run_uploads(settings, seed: int, outcomes: Outcomes, count: int = UPLO
 
 
 @pytest.mark.timeout(900)
-async def test_kill_9_each_service_during_concurrent_uploads(
-    pipeline, fault_settings, fault_store, tmp_path
+async def test_kill_9_each_service_during_concurrent_uploads_and_pushes(
+    registry_pipeline, fault_settings, fault_store, tmp_path
 ):
+    pipeline = registry_pipeline
+    registry = pipeline["registry"]
     rng = random.Random(20261127)
     outcomes = Outcomes()
+    pushes = Pushes(registry.settings.registry_listen)
+    kills_done = asyncio.Event()
     uploads = asyncio.create_task(run_uploads(fault_settings, 7, outcomes))
-    killed = []
-    for name in ("upload-worker", "verifier", "query"):
-        await asyncio.sleep(rng.uniform(1.0, 5.0))
-        if uploads.done():
-            break
-        pipeline[name].kill()
-        killed.append(name)
-        await asyncio.sleep(rng.uniform(0.1, 1.0))
-        pipeline[name].start()
+    pushing = asyncio.create_task(run_pushes(pushes, tmp_path / "images", 11, kills_done))
+    # Each service once during the SDK uploads and the pushes, then the registry, the newest
+    # code, three times more during manifest PUTs (30-400 ms each here): once 20-400 ms into
+    # one, twice once its PutManifest is on the log, unanswered. Whether the registry put the
+    # command on the log, and whether the worker applied it, the tag must end where the last
+    # successful push left it.
+    schedule = ("upload-worker", "verifier", "query", "registry", *["registry"] * 3)
+    killed: list[tuple[str, bool, int, int]] = []  # the service, uploads running, cranes
+    # running, cranes sending a manifest PUT
+    try:
+        for number, name in enumerate(schedule):
+            # A registry just restarted is answering again before the next kill: each kill
+            # lands among pushes at work, not in the outage the last one made.
+            await pipeline.wait_for_registry()
+            if number < 4:
+                await asyncio.sleep(rng.uniform(1.0, 5.0))
+                await until_crane_runs(pushes)
+            elif number == 4:
+                await until_crane_runs(pushes, putting_manifest=True)
+                await asyncio.sleep(rng.uniform(0.02, 0.4))
+            else:
+                await until_manifest_put_logged(fault_settings, pushes)
+            if pushing.done():
+                break
+            pipeline[name].kill()
+            killed.append((name, not uploads.done(), pushes.running, len(pushes.putting)))
+            await asyncio.sleep(rng.uniform(0.1, 1.0))
+            pipeline[name].start()
+    finally:
+        # Pushes go on until the kills are over, so crane is mid-push at every kill.
+        kills_done.set()
     try:
         await uploads
+        await pushing
     except LayerError:
         print(pipeline.logs())
         raise
-    assert killed == ["upload-worker", "verifier", "query"], "uploads ended before the kills"
+    print(f"kills (service, uploads running, cranes running, putting manifests): {killed}")
+    print(f"{len(pushes.pushed)} pushes; attempts that failed:\n" + "\n".join(pushes.failures))
+    print("manifest PUTs answered:\n" + "\n".join(pushes.answers))
+    assert [kill[0] for kill in killed] == list(schedule), "pushes ended before the kills"
+    assert all(kill[1] for kill in killed[:4]), f"uploads ended before the kills: {killed}"
     assert len(outcomes.committed) == 40 and len(outcomes.cancelled) == 5
     await assert_consistent(fault_settings, fault_store, outcomes, tmp_path)
+    await pipeline.wait_for_registry()
+    await assert_pushes_pull_back(pushes, tmp_path / "pulled")
+    await assert_tags_point_at_last_push(pushes)
+    puts = await assert_manifest_puts_applied_once(fault_settings, pushes)
+    print(f"{puts} PutManifest commands for {len(pushes.pushed)} successful pushes")
+    await assert_index_matches_replay(
+        fault_settings, tmp_path, registry.settings.registry_index_path
+    )

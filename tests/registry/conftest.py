@@ -51,7 +51,7 @@ def log_tail(service: ServiceProcess, lines: int = 30) -> str:
     return "\n".join(service.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-async def wait_for_registry(registry: RegistryProcess, url: str, timeout: float) -> None:
+async def wait_for_registry(registry: ServiceProcess, url: str, timeout: float) -> None:
     """Until GET /v2/ answers 200 (the spec's end-1 check); fails at once if the process exits."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"

@@ -1,0 +1,63 @@
+"""The index a replay builds equals the live one even where the two applied events of different
+partitions in different orders: rows that several partitions' events write are decided by the
+events' times, not by the order they were applied in."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from services.core.records import LayerCommitted
+from services.query.index import Index
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def commit(upload_id: str, object_key: str, second: int) -> LayerCommitted:
+    return LayerCommitted(
+        event_id=str(uuid.uuid4()),
+        upload_id=upload_id,
+        repository="order/app",
+        caused_by=None,
+        digest=DIGEST,
+        size=1234,
+        object_key=object_key,
+        committed_at=datetime(2026, 12, 1, 12, 0, second, tzinfo=UTC),
+        blob_sha256=DIGEST.removeprefix("sha256:"),
+    )
+
+
+def test_commits_of_one_digest_give_one_row_in_any_order(tmp_path: Path) -> None:
+    # Each upload is keyed by its own id, so each commit may come from another partition: the
+    # first upload, a second one that found its copy (the verifier keeps one), and a third that
+    # kept a copy of its own once the first was removed.
+    commits = [
+        commit("u-1", "uploads/u-1/data", 1),
+        commit("u-2", "uploads/u-1/data", 2),
+        commit("u-3", "uploads/u-3/data", 3),
+    ]
+    rows = set()
+    for number, order in enumerate(itertools.permutations(commits)):
+        path = tmp_path / f"index-{number}.sqlite"
+        index = Index(str(path))
+        for partition, event in enumerate(order):
+            index.apply("events", [event], {partition: 1})
+        db = sqlite3.connect(path)
+        try:
+            rows.add(
+                (
+                    tuple(db.execute("SELECT * FROM layers").fetchall()),
+                    tuple(db.execute("SELECT * FROM blob_links").fetchall()),
+                )
+            )
+        finally:
+            db.close()
+    assert len(rows) == 1, rows
+    ((layers, _),) = rows
+    # Created by the first commit; its bytes where the latest commit put them.
+    ((_, _, _, object_key, committed_at, upload_id),) = layers
+    assert (object_key, upload_id) == ("uploads/u-3/data", "u-1")
+    assert committed_at == int(commits[0].committed_at.timestamp() * 1000)
