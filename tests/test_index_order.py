@@ -58,6 +58,23 @@ def test_commits_of_one_digest_give_one_row_in_any_order(tmp_path: Path) -> None
     assert len(rows) == 1, rows
     ((layers, _),) = rows
     # Created by the first commit; its bytes where the latest commit put them.
-    ((_, _, _, object_key, committed_at, upload_id),) = layers
+    ((_, _, _, object_key, committed_at, upload_id, stored_at),) = layers
     assert (object_key, upload_id) == ("uploads/u-3/data", "u-1")
     assert committed_at == int(commits[0].committed_at.timestamp() * 1000)
+    assert stored_at == int(commits[2].committed_at.timestamp() * 1000)
+
+
+def test_an_index_from_before_stored_at_opens_and_takes_commits(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE layers (repository TEXT NOT NULL, digest TEXT NOT NULL, size INTEGER NOT "
+        "NULL, object_key TEXT NOT NULL, committed_at INTEGER NOT NULL, upload_id TEXT NOT NULL, "
+        "PRIMARY KEY (repository, digest)) WITHOUT ROWID;"
+        f"INSERT INTO layers VALUES ('order/app', '{DIGEST}', 1234, 'uploads/u-0/data', 0, 'u-0');"
+    )
+    old.close()
+    index = Index(str(path))
+    index.apply("events", [commit("u-1", "uploads/u-1/data", 1)], {0: 1})
+    layer = index.blob("order/app", DIGEST)
+    assert layer is not None and layer.object_key == "uploads/u-1/data"  # the later copy

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS layers (
     object_key   TEXT NOT NULL,
     committed_at INTEGER NOT NULL,
     upload_id    TEXT NOT NULL,
+    stored_at    INTEGER,  -- the commit that named object_key (null: committed_at's)
     PRIMARY KEY (repository, digest)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS layers_by_digest ON layers (digest);
@@ -132,35 +133,22 @@ CREATE TABLE IF NOT EXISTS offsets (
 """
 
 
-# In a layers upsert: the commit being applied is newer than every one applied before it. (An
-# index from before blob links existed may lack the blob_links row: then it is.)
-_NEWEST_COMMIT = (
-    "(excluded.committed_at, excluded.object_key) > (coalesce((SELECT b.pushed_at FROM "
-    "blob_links b WHERE b.repository = excluded.repository AND b.digest = excluded.digest), -1), "
-    "object_key)"
+# In a layers upsert: the commit being applied is earlier than the one the row has, or names
+# its copy later than the one whose copy the row has.
+_EARLIER_COMMIT = "(excluded.committed_at, excluded.upload_id) < (committed_at, upload_id)"
+_LATER_COPY = (
+    "(excluded.committed_at, excluded.object_key) > (coalesce(stored_at, committed_at), object_key)"
 )
 # A blob_links row that says the blob is in its repository.
 _LINKED = "linked = 1"
-# An index written before links followed the log: its blob_links rows compared a push's time
-# with an unlink's. They move to the new table with what they said then, in one transaction (a
-# crash half-way leaves the old table as it was); the log's next link event decides from there.
-_FROM_BLOB_LINKS_BY_TIME = (
-    "INSERT INTO blob_links (repository, digest, linked, size, object_key, linked_at) "
-    "SELECT repository, digest, (mounted = 1 OR (pushed_at IS NOT NULL AND "
-    "coalesce(unlinked_at, -1) < pushed_at)), size, object_key, "
-    "coalesce(mounted_at, pushed_at, unlinked_at) FROM blob_links_by_time;"
-)
 
 
 def _schema_script(db: sqlite3.Connection) -> str:
-    columns = {c[1] for c in db.execute("PRAGMA table_info(blob_links)")}
-    if "pushed_at" not in columns:
+    columns = {c[1] for c in db.execute("PRAGMA table_info(layers)")}
+    if not columns or "stored_at" in columns:
         return SCHEMA
-    return (
-        "BEGIN; ALTER TABLE blob_links RENAME TO blob_links_by_time; "
-        f"DROP INDEX IF EXISTS blob_links_by_digest; {SCHEMA} {_FROM_BLOB_LINKS_BY_TIME} "
-        "DROP TABLE blob_links_by_time; COMMIT;"
-    )
+    # An index from before stored_at: its rows' bytes are where their one commit put them.
+    return f"ALTER TABLE layers ADD COLUMN stored_at INTEGER; {SCHEMA}"
 
 
 class UploadStates:
@@ -542,28 +530,32 @@ class Index:
         elif isinstance(event, LayerCommitted):
             # Two uploads of one digest to one repository (two pushes sharing a base layer)
             # commit on two partitions, keyed by their upload ids, which a replay may apply in
-            # the other order. So, as in blob_links, time decides, not the order applied: the
-            # row was created by the earliest commit (committed_at, then upload_id), and its
-            # bytes are where the latest commit (committed_at, then object_key) put them, which
-            # is a new copy when the first one was removed. blob_links.pushed_at, updated just
-            # below, still holds the latest commit applied before this one.
+            # the other order. So times decide, not the order applied, and live and replayed
+            # indexes agree: the row was created by the earliest commit (committed_at, then
+            # upload id), and its bytes are where the latest commit put them (a duplicate points
+            # at the first copy; a later commit keeps its own only when that copy was removed).
+            # Whether the blob is linked is blob_links', decided in the repository's partition.
+            at = _ms(event.committed_at)
             db.execute(
                 "INSERT INTO layers (repository, digest, size, object_key, committed_at, "
-                "upload_id) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (repository, digest) "
-                "DO UPDATE SET "
-                f"size = CASE WHEN {_NEWEST_COMMIT} THEN excluded.size ELSE size END, "
-                f"object_key = CASE WHEN {_NEWEST_COMMIT} THEN excluded.object_key "
+                "upload_id, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (repository, digest) DO UPDATE SET "
+                f"size = CASE WHEN {_LATER_COPY} THEN excluded.size ELSE size END, "
+                f"object_key = CASE WHEN {_LATER_COPY} THEN excluded.object_key "
                 "ELSE object_key END, "
-                "committed_at = min(committed_at, excluded.committed_at), "
-                "upload_id = CASE WHEN (excluded.committed_at, excluded.upload_id) < "
-                "(committed_at, upload_id) THEN excluded.upload_id ELSE upload_id END",
+                f"stored_at = CASE WHEN {_LATER_COPY} THEN excluded.stored_at "
+                "ELSE stored_at END, "
+                f"upload_id = CASE WHEN {_EARLIER_COMMIT} THEN excluded.upload_id "
+                "ELSE upload_id END, "
+                "committed_at = min(committed_at, excluded.committed_at)",
                 (
                     event.repository,
                     event.digest,
                     event.size,
                     event.object_key,
-                    _ms(event.committed_at),
+                    at,
                     event.upload_id,
+                    at,
                 ),
             )
             self._set_state(db, event, UploadStates.COMMITTED, digest=event.digest, size=event.size)
