@@ -45,6 +45,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def run_topics(run: str) -> dict[str, str]:
+    """Settings fields naming topics and a bucket of one run's own (replace(settings, **...)):
+    no other run's records or objects are seen."""
+    return {
+        "commands_topic": f"test-{run}.commands",
+        "events_topic": f"test-{run}.events",
+        "dead_letter_topic": f"test-{run}.dead-letter",
+        "bucket": f"layerlog-test-{run}",
+    }
+
+
 @pytest.fixture(scope="session")
 async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Settings]:
     run = uuid.uuid4().hex[:10]
@@ -52,10 +63,7 @@ async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Se
     base = Settings.from_env()
     settings = replace(
         base,
-        commands_topic=f"test-{run}.commands",
-        events_topic=f"test-{run}.events",
-        dead_letter_topic=f"test-{run}.dead-letter",
-        bucket=f"layerlog-test-{run}",
+        **run_topics(run),
         partitions=4,
         max_chunk_bytes=1 << 20,
         query_listen=f"127.0.0.1:{port}",
@@ -86,14 +94,7 @@ async def store(settings: Settings) -> ObjectStore:
 async def own_topics(settings: Settings, label: str) -> AsyncIterator[Settings]:
     """Topics and a bucket no other test module's services read: for tests that write records
     straight onto the log (a worker started by another module would act on them)."""
-    run = f"{label}-{uuid.uuid4().hex[:8]}"
-    own = replace(
-        settings,
-        commands_topic=f"test-{run}.commands",
-        events_topic=f"test-{run}.events",
-        dead_letter_topic=f"test-{run}.dead-letter",
-        bucket=f"layerlog-{run}",
-    )
+    own = replace(settings, **run_topics(f"{label}-{uuid.uuid4().hex[:8]}"))
     await provision(own, timeout=30)
     try:
         yield own

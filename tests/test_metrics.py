@@ -32,7 +32,7 @@ from services.core.codec import CODEC
 from services.core.provision import provision
 from services.core.records import AppendChunk
 from services.core.settings import Settings
-from tests.conftest import ROOT, ServiceProcess, free_port, wait_for_query
+from tests.conftest import ROOT, ServiceProcess, free_port, run_topics, wait_for_query
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -44,10 +44,7 @@ async def pipeline(settings: Settings, tmp_path_factory) -> AsyncIterator[dict[s
     query_port = free_port()
     own = replace(
         settings,
-        commands_topic=f"test-metrics-{run}.commands",
-        events_topic=f"test-metrics-{run}.events",
-        dead_letter_topic=f"test-metrics-{run}.dead-letter",
-        bucket=f"layerlog-metrics-{run}",
+        **run_topics(f"metrics-{run}"),
         query_listen=f"127.0.0.1:{query_port}",
         query_url=f"http://127.0.0.1:{query_port}",
         worker_metrics_listen=f"127.0.0.1:{free_port()}",

@@ -13,7 +13,13 @@ import pytest
 from services.core.objectstore import ObjectStore
 from services.core.provision import provision
 from services.core.settings import Settings
-from tests.conftest import ServiceProcess, free_port, registry_process, wait_for_query
+from tests.conftest import (
+    ServiceProcess,
+    free_port,
+    registry_process,
+    run_topics,
+    wait_for_query,
+)
 from tests.registry.conftest import REGISTRY_START_TIMEOUT, wait_for_registry
 
 
@@ -63,10 +69,7 @@ async def fault_settings(settings: Settings, tmp_path: Path) -> AsyncIterator[Se
     port = free_port()
     fresh = replace(
         settings,
-        commands_topic=f"fault-{run}.commands",
-        events_topic=f"fault-{run}.events",
-        dead_letter_topic=f"fault-{run}.dead-letter",
-        bucket=f"layerlog-fault-{run}",
+        **run_topics(f"fault-{run}"),
         query_listen=f"127.0.0.1:{port}",
         query_url=f"http://127.0.0.1:{port}",
         index_path=str(tmp_path / "index.sqlite"),
