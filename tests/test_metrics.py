@@ -182,6 +182,7 @@ async def test_counters_move_after_pushes_failures_and_reads(pipeline):
         assert moved("layerlog_verification_seconds_count", outcome="committed") == 1
         assert moved("layerlog_verification_seconds_count", outcome="failed") == 1
         assert moved("layerlog_verification_failures_total", reason="INVALID_DIGEST") == 1
+        assert moved("layerlog_events_published_total", event="BlobLinked") == 1
         assert series(now, "layerlog_consumer_lag_records")
 
     async def query_moved() -> None:
@@ -190,8 +191,9 @@ async def test_counters_move_after_pushes_failures_and_reads(pipeline):
         def moved(name: str, **labels: str) -> float:
             return value(now, name, **labels) - value(was, name, **labels)
 
-        # 2 UploadStarted, 7 ChunkAppended, 2 UploadFinished, 2 verdicts, 1 CommandRejected.
-        assert moved("layerlog_projection_events_applied_total") == 14
+        # 2 UploadStarted, 7 ChunkAppended, 2 UploadFinished, 2 verdicts, the committed one's
+        # BlobLinked, 1 CommandRejected.
+        assert moved("layerlog_projection_events_applied_total") == 15
         assert value(now, "layerlog_projection_last_event_timestamp_seconds") > time.time() - 300
         lag = series(now, "layerlog_projection_lag_records")
         assert {s["partition"] for s in lag} == {str(p) for p in range(settings.partitions)}
