@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.core import kafka
 from services.core.codec import event_hash
@@ -75,7 +75,8 @@ async def verify_log(
     heads: dict[str, str] = {}
     repository_heads: dict[str, str] = {}
     blobs: list[tuple[int, int, Stored]] = []
-    manifests: list[tuple[int, int, ManifestStored]] = []
+    # Without their bodies (up to 4 MiB each, on a log kept forever): the digest of each body.
+    manifests: list[tuple[int, int, ManifestStored, str]] = []
     # Links and commits live in different partitions: matched once the whole log is read.
     links: list[tuple[int, int, BlobLinked]] = []
     commits: dict[str, LayerCommitted] = {}
@@ -99,7 +100,9 @@ async def verify_log(
                     continue
                 repository_heads[event.repository] = event_hash(logged.raw)
                 if isinstance(event, ManifestStored):
-                    manifests.append((partition, logged.offset, event))
+                    body_sha256 = await asyncio.to_thread(_sha256, event.body)
+                    slim = replace(event, body=b"")
+                    manifests.append((partition, logged.offset, slim, body_sha256))
                 elif isinstance(event, BlobMounted):
                     blobs.append((partition, logged.offset, event))
                 continue
@@ -197,11 +200,11 @@ def _manifest_problem(event: RepositoryEvent) -> str | None:
 
 
 async def _check_manifests(
-    store: ObjectStore, manifests: list[tuple[int, int, ManifestStored]], report: Report
+    store: ObjectStore, manifests: list[tuple[int, int, ManifestStored, str]], report: Report
 ) -> None:
     """Each manifest's stored copy must be the very bytes its ManifestStored carries."""
     stored: dict[str, str | None] = {}  # object key -> sha256 of its bytes (None: missing)
-    for partition, offset, event in manifests:
+    for partition, offset, event, body_sha256 in manifests:
         if event.object_key not in stored:
             try:
                 data = await store.get(event.object_key)
@@ -212,7 +215,7 @@ async def _check_manifests(
         found = stored[event.object_key]
         if found is None:
             problem = f"its stored copy ({event.object_key}) is missing"
-        elif found != await asyncio.to_thread(_sha256, event.body):
+        elif found != body_sha256:
             problem = f"its stored copy ({event.object_key}) differs from the bytes it carries"
         else:
             continue
