@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from services.oci.errors import ErrorCode, OciError, error_body
 from services.oci.manifest import (
     DOCKER_MANIFEST,
     MAX_MANIFEST_BYTES,
@@ -109,3 +110,13 @@ def test_media_type_comes_from_the_header_else_the_body() -> None:
     assert media_type_of(image(), f"{OCI_MANIFEST}; charset=utf-8") == OCI_MANIFEST
     assert media_type_of(image(), None) == OCI_MANIFEST
     assert media_type_of(b"junk", None) == ""
+
+
+def test_the_spec_s_error_body() -> None:
+    refusal = OciError(404, ErrorCode.MANIFEST_UNKNOWN, "no such manifest", {"tag": "v1"})
+    assert refusal.body() == {
+        "errors": [
+            {"code": "MANIFEST_UNKNOWN", "message": "no such manifest", "detail": {"tag": "v1"}}
+        ]
+    }
+    assert error_body(ErrorCode.UNSUPPORTED, "no")["errors"][0]["detail"] == {}

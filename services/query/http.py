@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.objectstore import ObjectNotFound, ObjectStore, is_transient
 from services.digests.digest import DigestError, TarSumVersionUnsupported, parse_digest
+from services.oci.errors import ErrorCode, error_body
 from services.query.barrier import Behind, ReadBarrier
 from services.query.index import Index, LayerRow, UploadRow, UploadStates
 from services.query.oci import OciReadApi
@@ -58,19 +59,20 @@ class Unsatisfiable(ValueError):
 
 def error(status: int, code: str, message: str, **headers: str) -> web.Response:
     # "errors" is the OCI distribution spec's form, which registry clients read; "error" and
-    # "message" are the SDK's.
-    oci = {"code": code, "message": message, "detail": {}}
-    body = {"error": code, "message": message, "errors": [oci]}
+    # "message" are the SDK's (some codes, TARSUM_VERSION_UNSUPPORTED say, are the SDK's own).
+    body = {"error": code, "message": message, **error_body(code, message)}
     return web.json_response(body, status=status, headers=headers)
 
 
 def internal_error(request_id: str) -> web.Response:
     """The 500 body: the id to quote, nothing of the failure itself (that is in the log)."""
     message = f"internal error; the service logged it under request id {request_id}"
-    # UNKNOWN, Distribution's code for what the spec's table has none for; "errors" is the form
-    # registry clients read, "error" the SDK's.
-    oci = {"code": "UNKNOWN", "message": message, "detail": {"request_id": request_id}}
-    body = {"error": "INTERNAL", "message": message, "request_id": request_id, "errors": [oci]}
+    body = {
+        "error": "INTERNAL",
+        "message": message,
+        "request_id": request_id,
+        **error_body(ErrorCode.UNKNOWN, message, {"request_id": request_id}),
+    }
     return web.json_response(body, status=500)
 
 

@@ -19,6 +19,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from services.core.names import InvalidName, check_repository
+from services.oci.errors import ErrorCode, OciError, error_body
 from services.oci.manifest import OCI_INDEX
 from services.oci.references import InvalidReference, check_tag, is_digest, parse_oci_digest
 from services.query.barrier import Behind, ReadBarrier
@@ -34,36 +35,13 @@ _MAX_N_DIGITS = 9
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Codes:
-    """The spec's error codes (and the pagination code distribution uses for a bad ?n=)."""
-
-    DIGEST_INVALID = "DIGEST_INVALID"
-    MANIFEST_INVALID = "MANIFEST_INVALID"
-    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
-    NAME_INVALID = "NAME_INVALID"
-    NAME_UNKNOWN = "NAME_UNKNOWN"
-    UNSUPPORTED = "UNSUPPORTED"
-    UNAVAILABLE = "UNAVAILABLE"  # not the spec's: Distribution's, for a 503
-    PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"
-
-
 def oci_error(
-    status: int, code: str, message: str, detail: object = None, *, sdk_fields: bool = False
+    status: int, code: ErrorCode, message: str, detail: object = None, *, sdk_fields: bool = False
 ) -> web.Response:
-    body: dict[str, object] = {
-        "errors": [{"code": code, "message": message, "detail": detail or {}}]
-    }
+    body = error_body(code, message, detail)
     if sdk_fields:  # the query service's own {"error", "message"}, which its SDK reads
-        body.update(error=code, message=message)
+        body.update(error=str(code), message=message)
     return web.json_response(body, status=status, headers=API_VERSION)
-
-
-class BadRequest(Exception):
-    """Input refused with an OCI error; handlers raise it from their checks."""
-
-    def __init__(self, status: int, code: str, message: str, detail: object = None) -> None:
-        super().__init__(message)
-        self.response = oci_error(status, code, message, detail)
 
 
 @web.middleware
@@ -74,15 +52,17 @@ async def oci_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     try:
         response = await handler(request)
-    except BadRequest as bad:
-        return bad.response
+    except OciError as bad:
+        return web.json_response(
+            bad.body(), status=bad.status, headers={**API_VERSION, **bad.headers}
+        )
     except web.HTTPException as refusal:
         if refusal.status < 400:
             raise
         # No route or no such method here: what the spec calls an unsupported operation.
         return oci_error(
             refusal.status,
-            Codes.UNSUPPORTED,
+            ErrorCode.UNSUPPORTED,
             f"{request.method} {request.path[:200]}: {refusal.reason}",
             sdk_fields=True,  # the blob routes share this path space with the SDK
         )
@@ -105,7 +85,7 @@ class OciReadApi:
             await self.barrier.caught_up(repository)
         except Behind as behind:
             message = f"the index is behind the log: {behind}"
-            raise BadRequest(503, Codes.UNAVAILABLE, message) from None
+            raise OciError(503, ErrorCode.UNAVAILABLE, message) from None
 
     def add_routes(self, app: web.Application) -> dict[str, web.Resource]:
         """Adds the read routes (and the middleware) to app; returns the resources by name."""
@@ -143,12 +123,12 @@ class OciReadApi:
                 check_tag(reference)
             except InvalidReference as bad:
                 detail = {"tag": reference[:150]}
-                raise BadRequest(400, Codes.MANIFEST_INVALID, str(bad), detail) from None
+                raise OciError(400, ErrorCode.MANIFEST_INVALID, str(bad), detail) from None
             row = await asyncio.to_thread(self._tagged, name, reference)
         if row is None:
             return oci_error(
                 404,
-                Codes.MANIFEST_UNKNOWN,
+                ErrorCode.MANIFEST_UNKNOWN,
                 f"no manifest {reference} in {name}",
                 {"name": name, "reference": reference},
             )
@@ -172,7 +152,7 @@ class OciReadApi:
         await self._caught_up(name)
         tags, known = await asyncio.to_thread(self._tags_page, name, last, limit)
         if not known:
-            return oci_error(404, Codes.NAME_UNKNOWN, f"no repository {name}", {"name": name})
+            return oci_error(404, ErrorCode.NAME_UNKNOWN, f"no repository {name}", {"name": name})
         headers = dict(API_VERSION)
         if len(tags) > limit:
             tags = tags[:limit]
@@ -223,14 +203,14 @@ def _repository(request: web.Request) -> str:
     try:
         return check_repository(name)
     except InvalidName as bad:
-        raise BadRequest(400, Codes.NAME_INVALID, str(bad), {"name": name[:300]}) from None
+        raise OciError(400, ErrorCode.NAME_INVALID, str(bad), {"name": name[:300]}) from None
 
 
 def _digest(text: str) -> None:
     try:
         parse_oci_digest(text)
     except InvalidReference as bad:  # UnsupportedDigest too: the registry offers no such hash
-        raise BadRequest(400, Codes.DIGEST_INVALID, str(bad), {"digest": text[:150]}) from None
+        raise OciError(400, ErrorCode.DIGEST_INVALID, str(bad), {"digest": text[:150]}) from None
 
 
 def _page(request: web.Request) -> tuple[int, str | None]:
@@ -239,9 +219,9 @@ def _page(request: web.Request) -> tuple[int, str | None]:
     limit = MAX_PAGE
     if text is not None:
         if not (text.isascii() and text.isdigit()):
-            raise BadRequest(
+            raise OciError(
                 400,
-                Codes.PAGINATION_NUMBER_INVALID,
+                ErrorCode.PAGINATION_NUMBER_INVALID,
                 f"n must be a non-negative integer, got {text[:40]!r}",
                 {"n": text[:40]},
             )

@@ -19,6 +19,7 @@ from services.core.records import (
     RepositoryCommand,
     RepositoryRejectReason,
 )
+from services.oci.errors import ErrorCode, OciError
 from services.oci.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
 from services.oci.references import (
     InvalidReference,
@@ -30,27 +31,26 @@ from services.oci.references import (
 )
 from services.query.barrier import ReadBarrier
 from services.query.index import Index
-from services.registry import errors
 from services.registry.commandlog import CommandLog, Watcher, caught_up
-from services.registry.errors import RegistryError, answering
+from services.registry.errors import answering
 from services.registry.outcomes import Outcome, await_outcome
 from services.registry.uploads import DURABLE_SECONDS, repository_of
 
 # The spec has no TAG_INVALID; a PUT to a tag outside the grammar is a manifest it cannot take.
 _REFUSALS = {
-    RepositoryRejectReason.INVALID_REPOSITORY: (400, errors.NAME_INVALID),
-    RepositoryRejectReason.INVALID_REFERENCE: (400, errors.MANIFEST_INVALID),
-    RepositoryRejectReason.INVALID_DIGEST: (400, errors.DIGEST_INVALID),
-    RepositoryRejectReason.MANIFEST_INVALID: (400, errors.MANIFEST_INVALID),
-    RepositoryRejectReason.MANIFEST_UNKNOWN: (404, errors.MANIFEST_UNKNOWN),
-    RepositoryRejectReason.BLOB_UNKNOWN: (400, errors.MANIFEST_BLOB_UNKNOWN),
+    RepositoryRejectReason.INVALID_REPOSITORY: (400, ErrorCode.NAME_INVALID),
+    RepositoryRejectReason.INVALID_REFERENCE: (400, ErrorCode.MANIFEST_INVALID),
+    RepositoryRejectReason.INVALID_DIGEST: (400, ErrorCode.DIGEST_INVALID),
+    RepositoryRejectReason.MANIFEST_INVALID: (400, ErrorCode.MANIFEST_INVALID),
+    RepositoryRejectReason.MANIFEST_UNKNOWN: (404, ErrorCode.MANIFEST_UNKNOWN),
+    RepositoryRejectReason.BLOB_UNKNOWN: (400, ErrorCode.MANIFEST_BLOB_UNKNOWN),
 }
 
 
 async def read_bounded(request: web.Request, limit: int) -> bytes:
     """At most limit bytes of body, reading no more than limit + 1: else 413."""
-    too_big = RegistryError(
-        413, errors.MANIFEST_INVALID, f"a manifest is at most {limit} bytes", {"limit": limit}
+    too_big = OciError(
+        413, ErrorCode.MANIFEST_INVALID, f"a manifest is at most {limit} bytes", {"limit": limit}
     )
     if request.content_length is not None and request.content_length > limit:
         raise too_big
@@ -62,7 +62,7 @@ async def read_bounded(request: web.Request, limit: int) -> bytes:
                 break
             body += data
     except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
-        raise RegistryError(400, errors.MANIFEST_INVALID, "the request body ended early") from None
+        raise OciError(400, ErrorCode.MANIFEST_INVALID, "the request body ended early") from None
     if len(body) > limit:
         raise too_big
     return bytes(body)
@@ -72,8 +72,8 @@ def _digest_reference(reference: str) -> OciDigest:
     try:
         return parse_oci_digest(reference)
     except InvalidReference as bad:
-        raise RegistryError(
-            400, errors.DIGEST_INVALID, str(bad), {"reference": reference[:300]}
+        raise OciError(
+            400, ErrorCode.DIGEST_INVALID, str(bad), {"reference": reference[:300]}
         ) from None
 
 
@@ -102,8 +102,8 @@ class Manifests:
             try:
                 check_tag(reference)
             except InvalidReference as bad:
-                raise RegistryError(
-                    400, errors.MANIFEST_INVALID, str(bad), {"tag": reference[:300]}
+                raise OciError(
+                    400, ErrorCode.MANIFEST_INVALID, str(bad), {"tag": reference[:300]}
                 ) from None
         body = await read_bounded(request, MAX_MANIFEST_BYTES)
         try:
@@ -111,12 +111,12 @@ class Manifests:
                 parse_manifest, body, request.headers.get("Content-Type")
             )
         except ManifestInvalid as bad:
-            raise RegistryError(400, errors.MANIFEST_INVALID, str(bad)) from None
+            raise OciError(400, ErrorCode.MANIFEST_INVALID, str(bad)) from None
         digest = await asyncio.to_thread(digest_of, body, named.algorithm if named else "sha256")
         if named is not None and digest != named:
-            raise RegistryError(
+            raise OciError(
                 400,
-                errors.DIGEST_INVALID,
+                ErrorCode.DIGEST_INVALID,
                 f"the manifest's {digest.algorithm} digest is {digest}, not {reference}",
                 {"expected": reference, "actual": str(digest)},
             )
@@ -128,9 +128,9 @@ class Manifests:
             await caught_up(self.barrier)
             missing = await asyncio.to_thread(self._first_missing, name, manifest)
         if missing is not None:
-            raise RegistryError(
+            raise OciError(
                 400,
-                errors.MANIFEST_BLOB_UNKNOWN,
+                ErrorCode.MANIFEST_BLOB_UNKNOWN,
                 f"{missing} is not stored in {name}; push it first",
                 {"digest": missing},
             )
@@ -169,8 +169,8 @@ class Manifests:
                 known = await asyncio.to_thread(self.index.tag, name, reference)
             command = DeleteTag(repository=name, tag=reference)
         if known is None:
-            raise RegistryError(
-                404, errors.MANIFEST_UNKNOWN, f"no manifest {reference[:300]} in {name}"
+            raise OciError(
+                404, ErrorCode.MANIFEST_UNKNOWN, f"no manifest {reference[:300]} in {name}"
             )
         await self._apply(command, "the delete")
         return web.Response(status=202, headers={"Content-Length": "0"})
@@ -196,6 +196,6 @@ class Manifests:
         await self.log.deliver(command)
         outcome = await await_outcome(self.watch, self.index, command, what, DURABLE_SECONDS)
         if not outcome.applied:
-            status, code = _REFUSALS.get(outcome.reason or "", (400, errors.MANIFEST_INVALID))
-            raise RegistryError(status, code, outcome.detail or f"{what} was refused")
+            status, code = _REFUSALS.get(outcome.reason or "", (400, ErrorCode.MANIFEST_INVALID))
+            raise OciError(status, code, outcome.detail or f"{what} was refused")
         return outcome

@@ -31,12 +31,13 @@ from services.core.records import (
     UnlinkBlob,
 )
 from services.core.settings import Settings
+from services.oci.errors import ErrorCode, OciError
 from services.oci.references import InvalidReference, parse_oci_digest
 from services.query.barrier import Behind, ReadBarrier
 from services.query.index import Index, RejectionRow, UploadRow, UploadStates
 from services.registry import errors
 from services.registry.commandlog import CommandLog, Sender, Watcher, caught_up
-from services.registry.errors import RegistryError, answering
+from services.registry.errors import answering
 from services.registry.outcomes import Outcome, await_outcome
 
 # Long enough for the verifier to read a multi-GiB blob once; the SDK waits as long.
@@ -65,17 +66,17 @@ def repository_of(request: web.Request) -> str:
     try:
         return check_repository(name)
     except InvalidName as bad:
-        raise RegistryError(400, errors.NAME_INVALID, str(bad), {"name": name[:300]}) from None
+        raise OciError(400, ErrorCode.NAME_INVALID, str(bad), {"name": name[:300]}) from None
 
 
 def digest_param(text: str | None) -> str:
     """A sha256 or sha512 digest from the query string, or 400 DIGEST_INVALID."""
     if not text:
-        raise RegistryError(400, errors.DIGEST_INVALID, "the digest parameter is required")
+        raise OciError(400, ErrorCode.DIGEST_INVALID, "the digest parameter is required")
     try:
         return str(parse_oci_digest(text))
     except InvalidReference as bad:
-        raise RegistryError(400, errors.DIGEST_INVALID, str(bad), {"digest": text[:300]}) from None
+        raise OciError(400, ErrorCode.DIGEST_INVALID, str(bad), {"digest": text[:300]}) from None
 
 
 def upload_path(name: str, upload_id: str) -> str:
@@ -292,12 +293,12 @@ class Uploads:
         digest = digest_param(request.match_info["digest"])
         await caught_up(self.barrier)  # a push or mount through another replica counts
         if await asyncio.to_thread(self.index.blob, name, digest) is None:
-            raise RegistryError(404, errors.BLOB_UNKNOWN, f"no blob {digest} in {name}")
+            raise OciError(404, ErrorCode.BLOB_UNKNOWN, f"no blob {digest} in {name}")
         command = UnlinkBlob(repository=name, digest=digest)
         await self.log.deliver(command)
         outcome = await self._outcome(command, "the unlink")
         if not outcome.applied:
-            raise RegistryError(404, errors.BLOB_UNKNOWN, outcome.detail or f"no blob {digest}")
+            raise OciError(404, ErrorCode.BLOB_UNKNOWN, outcome.detail or f"no blob {digest}")
         return web.Response(status=202, headers={"Content-Length": "0"})
 
     # Plumbing
@@ -306,7 +307,7 @@ class Uploads:
         try:
             return check_upload_id(request.match_info["uuid"])
         except InvalidName as bad:
-            raise RegistryError(404, errors.BLOB_UPLOAD_UNKNOWN, str(bad)) from None
+            raise OciError(404, ErrorCode.BLOB_UPLOAD_UNKNOWN, str(bad)) from None
 
     async def _open_upload(self, request: web.Request) -> tuple[str, UploadRow]:
         name, row = await self._upload_row(request)
@@ -376,9 +377,9 @@ class Uploads:
         except (aiohttp.ClientPayloadError, ConnectionError, asyncio.IncompleteReadError):
             budget.give(held)
             await sender.abandon()
-            raise RegistryError(
+            raise OciError(
                 400,
-                errors.BLOB_UPLOAD_INVALID,
+                ErrorCode.BLOB_UPLOAD_INVALID,
                 "the request body ended early; GET the upload for the offset to resume from",
             ) from None
         except BaseException:
@@ -388,9 +389,9 @@ class Uploads:
         expected = _declared_range_length(request)
         if expected is not None and expected != appended.end - appended.start:
             await sender.abandon()
-            raise RegistryError(
+            raise OciError(
                 400,
-                errors.BLOB_UPLOAD_INVALID,
+                ErrorCode.BLOB_UPLOAD_INVALID,
                 f"Content-Range names {expected} bytes; the body had "
                 f"{appended.end - appended.start}",
             )
@@ -514,9 +515,9 @@ def _chunk_start(request: web.Request, name: str, row: UploadRow) -> int:
     start = int(match.group(1))
     length = request.headers.get("Content-Length")
     if length is not None and length.isdigit() and int(length) != int(match.group(2)) - start + 1:
-        raise RegistryError(
+        raise OciError(
             400,
-            errors.BLOB_UPLOAD_INVALID,
+            ErrorCode.BLOB_UPLOAD_INVALID,
             f"Content-Range {header!r} does not name the body's {length} bytes",
         )
     if start != offset:
@@ -540,10 +541,10 @@ def _declared_range_length(request: web.Request) -> int | None:
     return int(match.group(2)) - int(match.group(1)) + 1
 
 
-def _range_refusal(name: str, upload_id: str, offset: int, message: str) -> RegistryError:
-    return RegistryError(
+def _range_refusal(name: str, upload_id: str, offset: int, message: str) -> OciError:
+    return OciError(
         416,
-        errors.BLOB_UPLOAD_INVALID,
+        ErrorCode.BLOB_UPLOAD_INVALID,
         message,
         {"offset": offset},
         {
@@ -554,42 +555,40 @@ def _range_refusal(name: str, upload_id: str, offset: int, message: str) -> Regi
     )
 
 
-def _unknown_upload(upload_id: str, why: str) -> RegistryError:
-    return RegistryError(404, errors.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} {why}")
+def _unknown_upload(upload_id: str, why: str) -> OciError:
+    return OciError(404, ErrorCode.BLOB_UPLOAD_UNKNOWN, f"upload {upload_id} {why}")
 
 
-def _chunk_refusal(name: str, upload_id: str, refused: RejectionRow) -> RegistryError:
+def _chunk_refusal(name: str, upload_id: str, refused: RejectionRow) -> OciError:
     if refused.reason in _OUT_OF_ORDER:
         offset = refused.expected_offset or 0
         return _range_refusal(name, upload_id, offset, refused.detail)
     if refused.reason in _GONE:
         return _unknown_upload(upload_id, f"was refused: {refused.detail}")
     if refused.reason == RejectReason.INVALID_REPOSITORY:
-        return RegistryError(400, errors.NAME_INVALID, refused.detail)
+        return OciError(400, ErrorCode.NAME_INVALID, refused.detail)
     return _invalid(refused)
 
 
-def _finish_refusal(upload_id: str, refused: RejectionRow) -> RegistryError:
+def _finish_refusal(upload_id: str, refused: RejectionRow) -> OciError:
     if refused.reason in _GONE:
         return _unknown_upload(upload_id, f"was refused: {refused.detail}")
     if refused.reason == RejectReason.INVALID_DIGEST:
-        return RegistryError(400, errors.DIGEST_INVALID, refused.detail)
+        return OciError(400, ErrorCode.DIGEST_INVALID, refused.detail)
     if refused.reason == RejectReason.INVALID_SIZE:
-        return RegistryError(400, errors.SIZE_INVALID, refused.detail)
+        return OciError(400, ErrorCode.SIZE_INVALID, refused.detail)
     return _invalid(refused)
 
 
-def _failure(row: UploadRow) -> RegistryError:
+def _failure(row: UploadRow) -> OciError:
     detail = {"reason": row.reason, "expected": row.expected, "actual": row.actual}
     message = row.detail or f"upload {row.upload_id} failed validation"
     if row.reason == FailureReason.INVALID_DIGEST:
-        return RegistryError(400, errors.DIGEST_INVALID, message, detail)
+        return OciError(400, ErrorCode.DIGEST_INVALID, message, detail)
     if row.reason == FailureReason.INVALID_LENGTH:
-        return RegistryError(400, errors.SIZE_INVALID, message, detail)
-    return RegistryError(400, errors.BLOB_UPLOAD_INVALID, message, detail)
+        return OciError(400, ErrorCode.SIZE_INVALID, message, detail)
+    return OciError(400, ErrorCode.BLOB_UPLOAD_INVALID, message, detail)
 
 
-def _invalid(refused: RejectionRow) -> RegistryError:
-    return RegistryError(
-        400, errors.BLOB_UPLOAD_INVALID, refused.detail, {"reason": refused.reason}
-    )
+def _invalid(refused: RejectionRow) -> OciError:
+    return OciError(400, ErrorCode.BLOB_UPLOAD_INVALID, refused.detail, {"reason": refused.reason})
