@@ -78,3 +78,23 @@ def test_an_index_from_before_stored_at_opens_and_takes_commits(tmp_path: Path) 
     index.apply("events", [commit("u-1", "uploads/u-1/data", 1)], {0: 1})
     layer = index.blob("order/app", DIGEST)
     assert layer is not None and layer.object_key == "uploads/u-1/data"  # the later copy
+
+
+def test_an_index_whose_links_compared_clocks_is_rebuilt_from_the_log(tmp_path: Path) -> None:
+    """A development build kept blob_links by time; such a file starts over (offsets and all),
+    and the projection replays the log into it."""
+    path = tmp_path / "dev.sqlite"
+    dev = sqlite3.connect(path)
+    dev.executescript(
+        "CREATE TABLE blob_links (repository TEXT, digest TEXT, mounted INTEGER, size INTEGER, "
+        "object_key TEXT, mounted_at INTEGER, pushed_at INTEGER, unlinked_at INTEGER);"
+        "INSERT INTO blob_links VALUES ('order/app', 'd', 0, 1, 'k', NULL, 5, NULL);"
+        "CREATE TABLE offsets (topic TEXT, partition INTEGER, next_offset INTEGER);"
+        "INSERT INTO offsets VALUES ('events', 0, 42);"
+    )
+    dev.close()
+    index = Index(str(path))
+    assert index.offsets("events") == {}
+    index.apply("events", [commit("u-1", "uploads/u-1/data", 1)], {0: 1})
+    assert index.offsets("events") == {0: 1}
+    assert index.blob("order/app", DIGEST) is not None  # no link row: pushed before links

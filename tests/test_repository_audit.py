@@ -179,3 +179,10 @@ async def test_a_blob_link_its_upload_did_not_commit_is_reported(settings):
     ]
     assert "no LayerCommitted" in report.breaks[0].problem
     assert "object_key" in report.breaks[1].problem
+    # A copy of the genuine link, appended later (after an unlink, it would relink the blob),
+    # and one with a made-up id.
+    (copy_at, renamed_at) = await inject(settings, repo, link, replace(link, event_id="forged-3"))
+    report = await verify_log(settings, repository=repo, check_blobs=False)
+    problems = {b.offset: b.problem for b in report.breaks}
+    assert "a copy of an earlier BlobLinked" in problems[copy_at]
+    assert "event id" in problems[renamed_at]

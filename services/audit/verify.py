@@ -33,6 +33,7 @@ from services.core.records import (
     RepositoryCommandRejected,
     RepositoryEvent,
     UploadStarted,
+    derived_id,
 )
 from services.core.settings import Settings
 from services.digests.digest import DigestError, StreamingVerifier, parse_digest
@@ -127,8 +128,14 @@ async def verify_log(
             if isinstance(event, LayerCommitted):
                 blobs.append((partition, logged.offset, event))
                 commits[event.upload_id] = event
+    seen_links: set[str] = set()
     for partition, offset, link in links:
         problem = _link_commit_problem(link, commits.get(link.upload_id))
+        if problem is None and link.event_id in seen_links:
+            # Outside any chain, a copy of a genuine link appended after an unlink would bring
+            # the blob back: each commit has exactly one.
+            problem = "a copy of an earlier BlobLinked"
+        seen_links.add(link.event_id)
         if problem:
             report.breaks.append(_break(partition, offset, link, problem))
     if check_blobs:
@@ -175,6 +182,8 @@ def _link_commit_problem(link: BlobLinked, commit: LayerCommitted | None) -> str
     for name in ("repository", "digest", "object_key", "size", "blob_sha256"):
         if getattr(link, name) != getattr(commit, name):
             return f"its {name} is not the one upload {link.upload_id}'s LayerCommitted names"
+    if link.event_id != derived_id(commit.event_id, "BlobLinked"):
+        return f"its event id is not the one upload {link.upload_id}'s LayerCommitted derives"
     return None
 
 

@@ -175,18 +175,29 @@ class LayerService:
 
     async def _head(self, name: str, digest: str) -> dict[str, str] | None:
         _check_name(name)
-        async with self.http.head(f"/v2/{name}/blobs/{digest}") as response:
-            if response.status == 200:
-                return dict(response.headers)
-            if response.status == 404:
-                return None
-            if response.status == 400:
-                # HEAD has no body: the GET's says which error it is.
-                async with self.http.get(f"/v2/{name}/blobs/{digest}") as again:
-                    body = await again.json(content_type=None)
-                error_type = HTTP_ERRORS.get(body.get("error", ""), LayerInvalidDigest)
-                raise error_type(body.get("message", "bad request"))
-            raise LayerError(f"query service answered {response.status} for {name}@{digest}")
+        deadline = time.monotonic() + self.finish_timeout
+        attempt = 0
+        while True:
+            async with self.http.head(f"/v2/{name}/blobs/{digest}") as response:
+                if response.status == 200:
+                    return dict(response.headers)
+                if response.status == 404:
+                    return None
+                if response.status == 400:
+                    # HEAD has no body: the GET's says which error it is.
+                    async with self.http.get(f"/v2/{name}/blobs/{digest}") as again:
+                        body = await again.json(content_type=None)
+                    error_type = HTTP_ERRORS.get(body.get("error", ""), LayerInvalidDigest)
+                    raise error_type(body.get("message", "bad request"))
+                # 503: the index is behind the log (a restart catching up, Kafka away) and
+                # says so rather than answer a stale 404; as resume() does, ask again.
+                if response.status != 503 or time.monotonic() > deadline:
+                    raise LayerError(
+                        f"query service answered {response.status} for {name}@{digest}"
+                    )
+                retry_after = _retry_after(response)
+            attempt += 1
+            await asyncio.sleep(min(retry_after, 0.05 * 2**attempt))
 
     async def _wait_for_verdict(self, upload_id: str, command_id: str, final: set[str]) -> dict:
         deadline = time.monotonic() + self.finish_timeout

@@ -117,7 +117,7 @@ class ReadBarrier:
     async def wait(self, upload_id: str) -> None:
         """Returns once the index reflects the upload's acknowledged commands; raises Behind."""
         deadline = time.monotonic() + self.wait_seconds
-        await self._retrying(self._start, deadline)
+        await self._retrying(self._start, deadline, bounded=False)
         commands = await self._retrying(self._partition_counts, deadline)
         command_partition = partition_for(upload_id, commands[0])
         events_partition = partition_for(upload_id, commands[1])
@@ -151,7 +151,7 @@ class ReadBarrier:
         acknowledged a moment ago is seen here too (a blob's commit is keyed by its upload, so
         a blob lookup that misses waits for every partition)."""
         deadline = time.monotonic() + self.wait_seconds
-        await self._retrying(self._start, deadline)
+        await self._retrying(self._start, deadline, bounded=False)
         events_count = (await self._retrying(self._partition_counts, deadline))[1]
         ends = await self._retrying(self._event_ends.get, deadline)
         if repository is not None:
@@ -170,11 +170,21 @@ class ReadBarrier:
             await self.offsets.stop()
             await self.admin.close()
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
-        """Kafka being briefly away is worth a retry within the barrier's wait, no longer."""
+    async def _retrying(
+        self, call: Callable[[], Awaitable[T]], deadline: float, *, bounded: bool = True
+    ) -> T:
+        """Kafka being briefly away is worth a retry within the barrier's wait, no longer.
+        (Starting the clients is not cut short: a client half started is worse than a wait.)"""
         while True:
             try:
-                return await call()
+                if not bounded:
+                    return await call()
+                # Bounded by the barrier's own wait, not the client's request timeout (40 s).
+                return await asyncio.wait_for(call(), max(0.05, deadline - time.monotonic()))
+            except TimeoutError as error:
+                raise Behind("Kafka did not answer within the barrier's wait") from error
+            except LookupError as error:  # the topic does not exist (yet)
+                raise Behind(str(error)) from error
             except (KafkaError, OSError) as error:
                 if time.monotonic() > deadline:
                     raise Behind(f"Kafka is not answering: {error!r}") from error

@@ -227,7 +227,8 @@ class QueryApi:
         try:
             layer = await self._fresh_blob(name, digest)
         except Behind as behind:
-            return error(503, "UNAVAILABLE", f"the index is behind the log: {behind}")
+            message = f"the index is behind the log: {behind}"
+            return error(503, "UNAVAILABLE", message, **{"Retry-After": "1"})
         if layer is None:
             return error(404, "BLOB_UNKNOWN", f"no layer {digest} in {name}")
         headers = _layer_headers(layer)

@@ -85,7 +85,9 @@ class OciReadApi:
             await self.barrier.caught_up(repository)
         except Behind as behind:
             message = f"the index is behind the log: {behind}"
-            raise OciError(503, ErrorCode.UNAVAILABLE, message) from None
+            raise OciError(
+                503, ErrorCode.UNAVAILABLE, message, headers={"Retry-After": "1"}
+            ) from None
 
     def add_routes(self, app: web.Application) -> dict[str, web.Resource]:
         """Adds the read routes (and the middleware) to app; returns the resources by name."""

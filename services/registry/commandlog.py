@@ -52,6 +52,7 @@ class ByteBudget:
         self.limit = limit
         self.used = 0
         self._changed = asyncio.Condition()
+        self._notifying: set[asyncio.Task[None]] = set()
 
     def can_take(self, count: int) -> bool:
         return self.used == 0 or self.used + count <= self.limit
@@ -69,9 +70,14 @@ class ByteBudget:
             self.used += count
 
     def give(self, count: int) -> None:
+        if not count:
+            return
         self.used -= count
-        # Called from futures' callbacks too, outside any coroutine: wake the waiters later.
-        asyncio.get_running_loop().create_task(self._notify())
+        # Called from futures' callbacks too, outside any coroutine: wake the waiters later
+        # (the task is kept until it ran, so it cannot be collected half way).
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -128,6 +134,9 @@ class Sender:
             self.log.budget.give(budgeted)
             await self.abandon()
             raise unavailable(f"Kafka did not take the command: {error}") from None
+        except BaseException:
+            self.log.budget.give(budgeted)  # cancelled, say: no callback will give it back
+            raise
         if budgeted:
             future.add_done_callback(lambda _: self.log.budget.give(budgeted))
         self._in_flight.append((future, size))

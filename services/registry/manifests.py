@@ -44,6 +44,8 @@ _REFUSALS = {
     RepositoryRejectReason.MANIFEST_INVALID: (400, ErrorCode.MANIFEST_INVALID),
     RepositoryRejectReason.MANIFEST_UNKNOWN: (404, ErrorCode.MANIFEST_UNKNOWN),
     RepositoryRejectReason.BLOB_UNKNOWN: (400, ErrorCode.MANIFEST_BLOB_UNKNOWN),
+    # The worker's fault, not the request's: a 500 the client may retry.
+    RepositoryRejectReason.HANDLER_ERROR: (500, ErrorCode.UNKNOWN),
 }
 
 

@@ -27,6 +27,7 @@ from services.core.records import (
     MountBlob,
     RejectReason,
     RepositoryCommand,
+    RepositoryRejectReason,
     StartUpload,
     UnlinkBlob,
 )
@@ -297,6 +298,8 @@ class Uploads:
         command = UnlinkBlob(repository=name, digest=digest)
         await self.log.deliver(command)
         outcome = await self._outcome(command, "the unlink")
+        if outcome.reason == RepositoryRejectReason.HANDLER_ERROR:
+            raise OciError(500, ErrorCode.UNKNOWN, outcome.detail or "the unlink failed")
         if not outcome.applied:
             raise OciError(404, ErrorCode.BLOB_UNKNOWN, outcome.detail or f"no blob {digest}")
         return web.Response(status=202, headers={"Content-Length": "0"})
@@ -591,4 +594,7 @@ def _failure(row: UploadRow) -> OciError:
 
 
 def _invalid(refused: RejectionRow) -> OciError:
+    if refused.reason == RejectReason.HANDLER_ERROR:
+        # The worker's fault, not the request's: a 500 the client may retry, not a 400.
+        return OciError(500, ErrorCode.UNKNOWN, refused.detail, {"reason": refused.reason})
     return OciError(400, ErrorCode.BLOB_UPLOAD_INVALID, refused.detail, {"reason": refused.reason})
