@@ -292,3 +292,39 @@ async def test_concurrent_streamed_patches_share_the_body_budget_and_all_commit(
             assert response.status == 200
 
     await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(12))), 240)
+
+
+async def test_a_client_that_goes_quiet_has_its_gathered_bytes_sent_on(http):
+    """Bytes a PATCH gathered towards a chunk are sent on when its client stalls, rather than
+    held against the process's body budget: while the client is quiet, the upload's offset
+    already counts them."""
+    name = "registry/stalled"
+    head = os.urandom(3 * MIB + MIB // 2)  # three whole 1 MiB chunks, and half of a fourth
+    tail = os.urandom(MIB)
+    location = await start(http, name)
+    resumed = asyncio.Event()
+
+    async def body():
+        yield head
+        await asyncio.wait_for(resumed.wait(), 60)
+        yield tail
+
+    async def watch() -> str:
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                async with http.get(location) as response:
+                    seen = response.headers.get("Range", "")
+                if seen == f"0-{len(head) - 1}":
+                    return seen
+                await asyncio.sleep(0.2)
+            return seen
+        finally:
+            resumed.set()
+
+    watching = asyncio.create_task(watch())
+    async with http.patch(location, data=body()) as response:
+        assert response.status == 202, await response.text()
+    assert await watching == f"0-{len(head) - 1}"
+    async with http.put(location, params={"digest": sha256(head + tail)}) as response:
+        assert response.status == 201, await response.text()

@@ -45,6 +45,8 @@ from services.registry.outcomes import Outcome, await_outcome
 VERDICT_SECONDS = 300.0
 # A request body is read this much at a time, each step covered by the process's body budget.
 READ_STEP = 1024 * 1024
+# A body read that waits this long sends on what its request gathered so far.
+STALLED_SECONDS = 1.0
 # Chunks are durable once the worker has staged them: seconds, unless the worker is away.
 DURABLE_SECONDS = 120.0
 # What the spec allows: "<start>-<end>", both inclusive. "bytes a-b/total" is accepted too, as
@@ -155,6 +157,7 @@ class Uploads:
         self.watch = watch
         self.barrier = barrier
         self.locks = KeyedLocks()
+        self.stalled_flushes = 0  # chunks sent early because their client went quiet
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         start = router.add_resource("/v2/{name:.+}/blobs/uploads/", name="registry-upload-start")
@@ -367,7 +370,18 @@ class Uploads:
                         await self._send_chunk(sender, name, upload_id, appended, buffer, sent)
                     await budget.take(want)
                 held += want
-                data = await request.content.read(want)
+                reading = asyncio.ensure_future(request.content.read(want))
+                try:
+                    if buffer and not (await asyncio.wait({reading}, timeout=STALLED_SECONDS))[0]:
+                        # The client went quiet with bytes gathered here: they go on now, so a
+                        # stalled upload does not sit on the budget other uploads wait for.
+                        sent, held = len(buffer), held - len(buffer)
+                        await self._send_chunk(sender, name, upload_id, appended, buffer, sent)
+                        self.stalled_flushes += 1
+                    data = await reading
+                finally:
+                    if not reading.done():
+                        reading.cancel()
                 budget.give(want - len(data))
                 held -= want - len(data)
                 if data:
