@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: run test bench bench-digest lint venv clients stack-up stack-down
+.PHONY: run test bench bench-versus bench-digest lint venv clients distribution stack-up stack-down
 
 run: venv clients
 	deploy/with-stack $(PY) -m services.cli run-all
@@ -11,8 +11,12 @@ run: venv clients
 test: venv clients
 	deploy/with-stack $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv $(VENV)/.bench-installed
+bench: venv $(VENV)/.bench-installed distribution
 	deploy/with-stack $(PY) -m bench
+
+# Layerlog's registry against CNCF Distribution on the same S3 (bench/versus.py); crane drives both.
+bench-versus: venv $(VENV)/.bench-installed clients distribution
+	deploy/with-stack $(PY) -m bench.versus
 
 bench-digest: venv
 	$(PY) -m bench.bench_digest
@@ -31,6 +35,10 @@ venv: $(VENV)/.installed
 # crane, oras, regctl and skopeo for tests/registry and the README's session; each installs once.
 clients:
 	deploy/clients install
+
+# CNCF Distribution, the registry bench/versus.py measures against; the benchmark's only.
+distribution:
+	deploy/distribution install
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Layerlog needs Python 3.11 or newer; set PYTHON=python3.11")'
