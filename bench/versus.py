@@ -123,6 +123,15 @@ async def commit_latencies(target: Target) -> list[float]:
     return sorted(seconds)
 
 
+async def blob_get_status(target: Target, digest: str) -> int:
+    """The status of a blob GET not followed: 307 means the pull read S3 directly, 200 that the
+    registry streamed the bytes itself. Recorded so the pull figure says which path it measured."""
+    async with aiohttp.ClientSession() as http:
+        url = f"{target.url}/v2/bench/versus/blobs/{digest}"
+        async with http.get(url, allow_redirects=False) as response:
+            return response.status
+
+
 def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[int(fraction * (len(sorted_values) - 1))]
 
@@ -147,6 +156,7 @@ async def run(runs: int) -> dict[str, Any]:
         name: {"push_s": [], "pull_s": [], "commit_p50_ms": [], "commit_p99_ms": []}
         for name in ("layerlog", "distribution")
     }
+    blob_get: dict[str, int] = {}
     load_before = load_average()
     try:
         await pipeline.start()
@@ -164,6 +174,7 @@ async def run(runs: int) -> dict[str, Any]:
                 pushed = push(binary, target, path, label)
                 path.unlink()
                 pulled = pull(binary, target, digest, work)
+                blob_get[target.name] = await blob_get_status(target, digest)
                 latencies = await commit_latencies(target)
                 figure = figures[target.name]
                 figure["push_s"].append(pushed)
@@ -203,6 +214,7 @@ async def run(runs: int) -> dict[str, Any]:
         "blob_bytes": BLOB_BYTES,
         "commit_rounds": ROUNDS,
         "layerlog_blob_redirect": settings.blob_redirect,
+        "blob_get_status": blob_get,
         "raw": figures,
         "summary": summary,
     }
@@ -239,7 +251,8 @@ def main() -> None:
     print(table(result))
     print(
         f"\nload average before {result['load_before']}, after {result['load_after']}; "
-        f"{result['machine']}; {result['runs']} runs each; JSON in {path.relative_to(ROOT)}"
+        f"{result['machine']}; {result['runs']} runs each; blob GET status (unfollowed) "
+        f"{result['blob_get_status']}; JSON in {path.relative_to(ROOT)}"
     )
 
 
