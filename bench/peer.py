@@ -7,20 +7,16 @@ by its pid, never by name, because other engineers' registries may share the mac
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
-import aiohttp
-
-from bench.stack import ROOT, delete_bucket, free_port
+from bench.stack import ROOT, delete_bucket, free_port, wait_for_url
 from services.core.objectstore import ObjectStore
 from services.core.settings import Settings
 
@@ -113,20 +109,12 @@ class Distribution:
         log.close()
 
     async def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while True:
-                if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"Distribution exited; its log ends:\n{self.tail()}")
-                try:
-                    async with http.get(self.url + "/v2/") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"Distribution not answering at {self.url}/v2/")
-                await asyncio.sleep(0.1)
+        def exited() -> str | None:
+            if self.process is not None and self.process.poll() is not None:
+                return f"Distribution exited; its log ends:\n{self.tail()}"
+            return None
+
+        await wait_for_url(self.url + "/v2/", timeout, exited=exited)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -20,7 +20,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -31,7 +30,7 @@ from bench.stack import (
     new_tag,
     peak_rss_mib,
     run_settings,
-    wait_for_query,
+    wait_for_url,
 )
 
 MIB = 1 << 20
@@ -84,7 +83,7 @@ async def main() -> None:
     pipeline = Pipeline(settings, work, services=("upload-worker", "verifier", "registry"))
     await pipeline.start()
     try:
-        await wait_for_query(replace(settings, query_url=settings.registry_url))
+        await wait_for_url(settings.registry_url + "/v2/")
         registry_pid = pipeline.services["registry"].service_pid()
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(settings.registry_url, timeout=timeout) as http:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -164,19 +165,29 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
-async def wait_for_query(settings: Settings, timeout: float = 60) -> None:
+async def wait_for_url(
+    url: str, timeout: float = 60, *, exited: Callable[[], str | None] | None = None
+) -> None:
+    """Until GET url answers 200; `exited` says why the server behind it is gone, if it is."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
         while True:
+            gone = exited() if exited is not None else None
+            if gone is not None:
+                raise RuntimeError(gone)
             try:
-                async with http.get(settings.query_url + "/healthz") as response:
+                async with http.get(url) as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"query service not answering at {settings.query_url}")
+                raise TimeoutError(f"nothing answers 200 at {url}")
             await asyncio.sleep(0.1)
+
+
+async def wait_for_query(settings: Settings, timeout: float = 60) -> None:
+    await wait_for_url(settings.query_url + "/healthz", timeout)
 
 
 async def health(http: aiohttp.ClientSession, settings: Settings) -> dict[str, int]:

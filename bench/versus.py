@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from yarl import URL
 from bench.common import load_average, log
 from bench.data import MIB, gzip_layer, unique_suffix
 from bench.peer import Distribution
-from bench.stack import OUT, ROOT, Pipeline, free_port, new_tag, run_settings, wait_for_query
+from bench.stack import OUT, ROOT, Pipeline, free_port, new_tag, run_settings, wait_for_url
 
 LAYER_BYTES = 256 * MIB
 BLOB_BYTES = 64 * 1024
@@ -160,7 +160,7 @@ async def run(runs: int) -> dict[str, Any]:
     load_before = load_average()
     try:
         await pipeline.start()
-        await wait_for_query(replace(settings, query_url=settings.registry_url))
+        await wait_for_url(settings.registry_url + "/v2/")
         await peer.start()
         targets = [
             Target("layerlog", settings.registry_url, settings.registry_url.split("//", 1)[1]),
