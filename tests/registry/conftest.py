@@ -21,28 +21,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from services.core.provision import provision
 from services.core.settings import Settings
-from tests.conftest import ServiceProcess, free_port, wait_for_query
+from tests.conftest import ServiceProcess, free_port, registry_process, wait_for_query
 from tests.registry.clients import Clients
 
 # Generous for a loaded 2-core machine, and bounded: a registry that never answers fails the
 # session's registry tests with its log instead of hanging them.
 REGISTRY_START_TIMEOUT = 90.0
-
-
-class RegistryProcess(ServiceProcess):
-    """`python -m services.cli registry` with its own listen address and SQLite index."""
-
-    def __init__(self, settings: Settings, log_dir: Path, listen: str, index_path: Path) -> None:
-        super().__init__("registry", settings, log_dir)
-        # Passed as variables, not Settings fields: the fields are the registry's own to define.
-        self.registry_env = {
-            "LAYERLOG_REGISTRY_LISTEN": listen,
-            "LAYERLOG_REGISTRY_URL": f"http://{listen}",
-            "LAYERLOG_REGISTRY_INDEX_PATH": str(index_path),
-        }
-
-    def _env(self) -> dict[str, str]:
-        return super()._env() | self.registry_env
 
 
 def log_tail(service: ServiceProcess, lines: int = 30) -> str:
@@ -114,13 +98,12 @@ async def registry(
     registry_settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Registry]:
     logs = tmp_path_factory.mktemp("registry-logs")
-    listen = f"127.0.0.1:{free_port()}"
-    index = tmp_path_factory.mktemp("registry-index") / "registry.sqlite"
     services: dict[str, ServiceProcess] = {
         name: ServiceProcess(name, registry_settings, logs)
         for name in ("upload-worker", "verifier", "query")
     }
-    services["registry"] = RegistryProcess(registry_settings, logs, listen, index)
+    services["registry"] = registry_process(registry_settings, tmp_path_factory)
+    listen = services["registry"].settings.registry_listen
     for service in services.values():
         service.start()
     try:
