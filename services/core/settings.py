@@ -65,6 +65,30 @@ class Settings:
     # process passes the level too.
     log_level: str = "INFO"
 
+    # Logins and rights (services/auth). On unless LAYERLOG_AUTH=off, which is the explicit
+    # opt-out; `layerlog auth init` (run by `make run`) creates what the defaults point at.
+    auth: bool = True
+    auth_htpasswd_file: str = ".cache/auth/htpasswd"
+    auth_policy_file: str = ".cache/auth/policy.toml"
+    auth_keys_dir: str = ".cache/auth/keys"
+    # Other token servers whose tokens are accepted (TOML, see services/auth/keys.py); "" = none.
+    auth_issuers_file: str = ""
+    auth_issuer: str = "layerlog"  # the iss of the tokens this registry issues
+    auth_service: str = "layerlog"  # the service of the Bearer challenge, and every token's aud
+    # Where clients get tokens; "" is the registry's own: LAYERLOG_REGISTRY_URL + "/token".
+    auth_realm: str = ""
+    auth_token_ttl_seconds: int = 300
+    # A command may reach the log this long after its token expired: the request that sent it
+    # began with a valid token (a big PATCH streams for minutes). Judged at log-append time.
+    auth_command_grace_seconds: int = 900
+    # Requests per second per principal (a user, or an anonymous client's address), with
+    # bursts of twice as many; over it, 429 with Retry-After.
+    auth_rate_limit: int = 500
+    # Failed logins per user and per client address in a minute before /token answers 429.
+    auth_login_failures: int = 5
+    # Requests waiting for a verdict or an outcome at once; past it, 429 with Retry-After.
+    max_waiting_requests: int = 512
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -122,11 +146,33 @@ class Settings:
                 f"LAYERLOG_UPLOAD_TTL_SECONDS must be at least 1, got {self.upload_ttl_seconds}"
             )
 
+        for name in (
+            "auth_token_ttl_seconds",
+            "auth_rate_limit",
+            "auth_login_failures",
+            "max_waiting_requests",
+        ):
+            if getattr(self, name) < 1:
+                raise SettingsError(
+                    f"LAYERLOG_{name.upper()} must be at least 1, got {getattr(self, name)}"
+                )
+        if self.auth_command_grace_seconds < 0:
+            raise SettingsError(
+                "LAYERLOG_AUTH_COMMAND_GRACE_SECONDS must be 0 or more, "
+                f"got {self.auth_command_grace_seconds}"
+            )
+        if self.auth_realm:
+            _http_url("LAYERLOG_AUTH_REALM", self.auth_realm, "https://registry.example/token")
+
         if self.expiry_interval_seconds < 1:
             raise SettingsError(
                 "LAYERLOG_EXPIRY_INTERVAL_SECONDS must be at least 1, "
                 f"got {self.expiry_interval_seconds}"
             )
+
+    @property
+    def token_realm(self) -> str:
+        return self.auth_realm or self.registry_url.rstrip("/") + "/token"
 
     @property
     def query_host_port(self) -> tuple[str, int]:

@@ -23,6 +23,8 @@ class ErrorCode(StrEnum):
     SIZE_INVALID = "SIZE_INVALID"
     UNSUPPORTED = "UNSUPPORTED"
     TOOMANYREQUESTS = "TOOMANYREQUESTS"
+    UNAUTHORIZED = "UNAUTHORIZED"
+    DENIED = "DENIED"
     # Not in the spec's table: Distribution's, for a bad ?n= and for a backend outage (503,
     # which clients retry), and for what has no code at all (a 500).
     PAGINATION_NUMBER_INVALID = "PAGINATION_NUMBER_INVALID"
