@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         handler=lambda _: __import__("services.core.provision").core.provision.main()
     )
 
+    from services.cli import auth as auth_cli
+
+    auth_cli.register(command)
+
     from services.digests import cli as digest_cli
 
     digest_cli.register(sub)

@@ -22,6 +22,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from services.auth.http import Gate, caller_of
+from services.auth.scopes import Action
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.objectstore import ObjectNotFound, ObjectStore, is_transient
 from services.digests.digest import DigestError, TarSumVersionUnsupported, parse_digest
@@ -39,6 +41,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 BEGUN = web.RequestKey("begun", web.StreamResponse)
 # Long enough for a slow client to read a big layer; S3 checks the expiry when a read starts.
 REDIRECT_EXPIRY = timedelta(minutes=15)
+AUTHORIZED_REDIRECT_EXPIRY = timedelta(seconds=60)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 REQUESTS = Counter(
@@ -123,12 +126,14 @@ class QueryApi:
         *,
         redirect: bool = False,
         barrier: ReadBarrier | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.index = index
         self.store = store
         self.projection = projection
         self.barrier = barrier
         self.redirect = redirect
+        self.gate = gate
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[str, Any] = {}
 
@@ -141,6 +146,9 @@ class QueryApi:
         blobs.add_route("HEAD", self.blob)
         blobs.add_route("GET", self.blob)
         OciReadApi(self.index, self.barrier).add_routes(app)
+        if self.gate is not None:
+            # Innermost: a refusal still gets a request id, is counted, and has the API header.
+            app.middlewares.append(self.gate.middleware)
         app.router.add_get("/uploads/{uuid}", self.upload, name="upload")
         app.router.add_get("/uploads/{uuid}/verdict", self.verdict, name="verdict")
         app.router.add_get("/healthz", self.health, name="healthz")
@@ -237,7 +245,10 @@ class QueryApi:
         if self.redirect:
             # The client reads from S3 itself (its Range header goes along); the bytes never
             # pass through this process.
-            location = self.store.presigned_get_url(layer.object_key, REDIRECT_EXPIRY)
+            # After the gate: only a caller who may pull gets a URL; with logins on it lives
+            # only as long as a client needs to start reading (S3 checks it once, at the start).
+            expiry = REDIRECT_EXPIRY if self.gate is None else AUTHORIZED_REDIRECT_EXPIRY
+            location = self.store.presigned_get_url(layer.object_key, expiry)
             headers["Location"] = location
             return web.Response(status=307, headers=headers)
         return await self._send(request, layer, headers)
@@ -383,7 +394,13 @@ class QueryApi:
             upload_id = check_upload_id(request.match_info["uuid"])
         except InvalidName as bad:
             return error(400, "UPLOAD_ID_INVALID", str(bad))
-        return await asyncio.to_thread(self.index.upload, upload_id)
+        row = await asyncio.to_thread(self.index.upload, upload_id)
+        caller = caller_of(request)
+        if row is not None and caller is not None:
+            if not caller.grant.allows_action("repository", row.repository, Action.PUSH):
+                # As if there were no such upload: its id says nothing to who may not push there.
+                return None
+        return row
 
     async def health(self, request: web.Request) -> web.Response:
         body: dict[str, object] = {"status": "ok"}

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from services.auth.http import Caller, caller_of
 from services.core.names import InvalidName, check_repository
 from services.oci.errors import ErrorCode, OciError, error_body
 from services.oci.manifest import OCI_INDEX
@@ -169,16 +170,28 @@ class OciReadApi:
     async def catalog(self, request: web.Request) -> web.Response:
         limit, last = _page(request)
         await self._caught_up(None)
+        caller = caller_of(request)
         names = (
-            await asyncio.to_thread(self.index.repositories, last=last, limit=limit + 1)
-            if limit
-            else []
+            await asyncio.to_thread(self._catalog_page, caller, last, limit + 1) if limit else []
         )
         headers = dict(API_VERSION)
         if len(names) > limit:
             names = names[:limit]
             headers["Link"] = _next_link("/v2/_catalog", limit, names[-1])
         return web.json_response({"repositories": names}, headers=headers)
+
+    def _catalog_page(self, caller: Caller | None, last: str | None, wanted: int) -> list[str]:
+        """Up to `wanted` names after `last`; with logins on, only those the caller may pull."""
+        if caller is None:
+            return self.index.repositories(last=last, limit=wanted)
+        shown: list[str] = []
+        while len(shown) < wanted:
+            batch = self.index.repositories(last=last, limit=max(wanted, 100))
+            shown += [name for name in batch if caller.may_list(name)]
+            if len(batch) < max(wanted, 100):
+                break
+            last = batch[-1]
+        return shown[:wanted]
 
     async def referrers(self, request: web.Request) -> web.Response:
         name = _repository(request)

@@ -7,6 +7,7 @@ import logging
 
 from aiohttp import web
 
+from services.auth.http import Gate
 from services.core.objectstore import ObjectStore
 from services.core.settings import Settings
 from services.query.barrier import ReadBarrier
@@ -33,6 +34,7 @@ async def run(
         projection,
         redirect=settings.blob_redirect,
         barrier=barrier,
+        gate=Gate(settings, issues_tokens=False) if settings.auth else None,
     )
     # Long request lines must reach the handlers, which answer them with a JSON 400, rather than
     # the HTTP parser's plain-text refusal.

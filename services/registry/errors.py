@@ -18,6 +18,17 @@ def unavailable(message: str) -> OciError:
     return OciError(503, ErrorCode.UNAVAILABLE, message, headers={"Retry-After": "1"})
 
 
+def worker_failed(what: str) -> OciError:
+    """The upload worker failed on the command (a bug, in its log and the dead letters): a 500
+    the client may retry, carrying nothing of the failure's own text."""
+    return OciError(
+        500,
+        ErrorCode.UNKNOWN,
+        f"{what} failed inside Layerlog; the upload worker logged it and kept the command in "
+        "its dead letters",
+    )
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

@@ -31,6 +31,7 @@ from services.oci.references import (
 )
 from services.query.barrier import ReadBarrier
 from services.query.index import Index
+from services.registry import errors
 from services.registry.commandlog import CommandLog, Watcher, caught_up
 from services.registry.errors import answering
 from services.registry.outcomes import Outcome, await_outcome
@@ -44,8 +45,6 @@ _REFUSALS = {
     RepositoryRejectReason.MANIFEST_INVALID: (400, ErrorCode.MANIFEST_INVALID),
     RepositoryRejectReason.MANIFEST_UNKNOWN: (404, ErrorCode.MANIFEST_UNKNOWN),
     RepositoryRejectReason.BLOB_UNKNOWN: (400, ErrorCode.MANIFEST_BLOB_UNKNOWN),
-    # The worker's fault, not the request's: a 500 the client may retry.
-    RepositoryRejectReason.HANDLER_ERROR: (500, ErrorCode.UNKNOWN),
 }
 
 
@@ -197,6 +196,8 @@ class Manifests:
     async def _apply(self, command: RepositoryCommand, what: str) -> Outcome:
         await self.log.deliver(command)
         outcome = await await_outcome(self.watch, self.index, command, what, DURABLE_SECONDS)
+        if outcome.reason == RepositoryRejectReason.HANDLER_ERROR:
+            raise errors.worker_failed(what)
         if not outcome.applied:
             status, code = _REFUSALS.get(outcome.reason or "", (400, ErrorCode.MANIFEST_INVALID))
             raise OciError(status, code, outcome.detail or f"{what} was refused")

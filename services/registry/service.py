@@ -13,6 +13,7 @@ import logging
 
 from aiohttp import web
 
+from services.auth.http import Gate
 from services.core.objectstore import ObjectStore
 from services.core.processor import start_with_retry
 from services.core.settings import Settings
@@ -35,10 +36,18 @@ def build_app(
 ) -> web.Application:
     # The read side is the query service's app: blob HEAD/GET, the OCI read routes (GET /v2/,
     # manifests, tags, catalog, referrers), /healthz and /metrics. The write routes join it.
+    gate = Gate(settings, issues_tokens=True) if settings.auth else None
     app = QueryApi(
-        index, ObjectStore(settings), projection, redirect=settings.blob_redirect, barrier=barrier
+        index,
+        ObjectStore(settings),
+        projection,
+        redirect=settings.blob_redirect,
+        barrier=barrier,
+        gate=gate,
     ).app()
     WriteApi(settings, index, commands, Watcher(projection), barrier).add_routes(app.router)
+    if gate is not None:
+        gate.add_routes(app.router)  # GET/POST /token, where clients log in
     return app
 
 

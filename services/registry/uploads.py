@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from services.auth.http import Caller, caller_of
+from services.auth.scopes import Action
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.records import (
     AppendChunk,
@@ -35,7 +37,7 @@ from services.core.settings import Settings
 from services.oci.errors import ErrorCode, OciError
 from services.oci.references import InvalidReference, parse_oci_digest
 from services.query.barrier import Behind, ReadBarrier
-from services.query.index import Index, RejectionRow, UploadRow, UploadStates
+from services.query.index import Index, LayerRow, RejectionRow, UploadRow, UploadStates
 from services.registry import errors
 from services.registry.commandlog import CommandLog, Sender, Watcher, caught_up
 from services.registry.errors import answering
@@ -177,7 +179,9 @@ class Uploads:
     async def start(self, request: web.Request) -> web.Response:
         name = repository_of(request)
         if "mount" in request.query:
-            mounted = await self._mount(name, request.query["mount"], request.query.get("from"))
+            mounted = await self._mount(
+                name, request.query["mount"], request.query.get("from"), caller_of(request)
+            )
             if mounted is not None:
                 return mounted
         elif "digest" in request.query:
@@ -209,9 +213,11 @@ class Uploads:
         appended = await self._append(sender, name, command.upload_id, 0, request)
         return await self._finish(sender, name, command.upload_id, digest, appended)
 
-    async def _mount(self, name: str, digest_text: str, source: str | None) -> web.Response | None:
+    async def _mount(
+        self, name: str, digest_text: str, source: str | None, caller: Caller | None
+    ) -> web.Response | None:
         """201 once the blob is linked into name; None to fall back to an upload, as the spec
-        says a registry that cannot mount does."""
+        says a registry that cannot mount does. The gate has checked pull on `from` already."""
         digest = digest_param(digest_text)
         # Every partition: the blob's commit is keyed by its upload, and whichever replica took
         # it, a mount right after must find it.
@@ -224,10 +230,14 @@ class Uploads:
             except InvalidName:
                 return None
             found = await asyncio.to_thread(self.index.blob, source, digest)
-        else:
-            # Automatic content discovery: any repository holding the blob will do, for now
-            # (with logins, only one the client may read).
+        elif caller is None:
+            # Automatic content discovery, logins off: any repository holding the blob will do.
             found = await asyncio.to_thread(self.index.blob_anywhere, digest)
+        else:
+            # Logins on: only a repository the caller's token may pull from, named in the
+            # command so the worker checks that pull too (zot's CVE-2024-39897 was a blob
+            # reached through a repository the caller could not read).
+            source, found = await asyncio.to_thread(self._readable_copy, caller, digest)
         if found is None:
             return None
         command = MountBlob(repository=name, digest=digest, source_repository=source)
@@ -236,6 +246,13 @@ class Uploads:
         if not outcome.applied:
             return None  # unlinked meanwhile: an upload it is
         return web.Response(status=201, headers=blob_headers(name, digest))
+
+    def _readable_copy(self, caller: Caller, digest: str) -> tuple[str | None, LayerRow | None]:
+        for candidate in caller.grant.repositories(Action.PULL):
+            found = self.index.blob(candidate, digest)
+            if found is not None:
+                return candidate, found
+        return None, None
 
     # GET, PATCH, PUT, DELETE /v2/<name>/blobs/uploads/<uuid>
 
@@ -302,7 +319,7 @@ class Uploads:
         await self.log.deliver(command)
         outcome = await self._outcome(command, "the unlink")
         if outcome.reason == RepositoryRejectReason.HANDLER_ERROR:
-            raise OciError(500, ErrorCode.UNKNOWN, outcome.detail or "the unlink failed")
+            raise errors.worker_failed("the unlink")
         if not outcome.applied:
             raise OciError(404, ErrorCode.BLOB_UNKNOWN, outcome.detail or f"no blob {digest}")
         return web.Response(status=202, headers={"Content-Length": "0"})
@@ -610,5 +627,5 @@ def _failure(row: UploadRow) -> OciError:
 def _invalid(refused: RejectionRow) -> OciError:
     if refused.reason == RejectReason.HANDLER_ERROR:
         # The worker's fault, not the request's: a 500 the client may retry, not a 400.
-        return OciError(500, ErrorCode.UNKNOWN, refused.detail, {"reason": refused.reason})
+        return errors.worker_failed(f"the {refused.command_type}")
     return OciError(400, ErrorCode.BLOB_UPLOAD_INVALID, refused.detail, {"reason": refused.reason})
