@@ -64,6 +64,9 @@ async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Se
     settings = replace(
         base,
         **run_topics(run),
+        # Logins are on by default (services/auth); the features these fixtures serve are
+        # tested without them, and tests/registry and tests/test_auth*.py turn them on.
+        auth=False,
         partitions=4,
         max_chunk_bytes=1 << 20,
         query_listen=f"127.0.0.1:{port}",

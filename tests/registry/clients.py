@@ -60,11 +60,13 @@ def run(
     return done
 
 
-def run_hashing(argv: list[str], timeout: float = CLIENT_TIMEOUT) -> str:
+def run_hashing(
+    argv: list[str], timeout: float = CLIENT_TIMEOUT, env: dict[str, str] | None = None
+) -> str:
     """Runs ARGV and returns the sha256 of what it writes, read as it streams: a 1 GiB blob
     never sits in the test's memory. Killed, and the test failed, after TIMEOUT."""
     hasher = hashlib.sha256()
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as process:
         timer = threading.Timer(timeout, process.kill)
         timer.start()
         try:
@@ -85,8 +87,21 @@ class Clients:
 
     def __init__(self, host: str, scratch: Path) -> None:
         self.host = host
-        # regctl keeps a config file; this one is the test's, never the user's ~/.regctl.
-        self.regctl_env = os.environ | {"REGCTL_CONFIG": str(scratch / "regctl.json")}
+        # Logins land in the test's own files, never the user's: crane, oras, docker and
+        # skopeo read docker's config.json (skopeo through REGISTRY_AUTH_FILE), regctl its own.
+        self.docker_config = scratch / "docker"
+        self.docker_config.mkdir(parents=True, exist_ok=True)
+        self.env = os.environ | {
+            "DOCKER_CONFIG": str(self.docker_config),
+            "REGISTRY_AUTH_FILE": str(self.docker_config / "config.json"),
+            "REGCTL_CONFIG": str(scratch / "regctl.json"),
+        }
+        self.regctl_env = self.env
+
+    def log_in(self, user: str, password: str) -> None:
+        """Logs every client in: crane's login writes the docker config the others read too."""
+        self.crane("auth", "login", self.host, "-u", user, "-p", password)
+        self.regctl("registry", "login", self.host, "-u", user, "-p", password)
 
     def ref(self, repository: str, tag_or_digest: str = "") -> str:
         if not tag_or_digest:
@@ -96,11 +111,12 @@ class Clients:
 
     def crane(self, *args: str, timeout: float = CLIENT_TIMEOUT, expect_ok: bool = True) -> Done:
         argv = [client_path("crane"), "--insecure", *args]
-        return run(argv, timeout=timeout, expect_ok=expect_ok)
+        return run(argv, timeout=timeout, env=self.env, expect_ok=expect_ok)
 
     def oras(self, *args: str, cwd: Path | None = None, expect_ok: bool = True) -> Done:
         # oras takes files by paths relative to its working directory (absolute ones are refused).
-        return run([client_path("oras"), *args, "--plain-http"], cwd=cwd, expect_ok=expect_ok)
+        argv = [client_path("oras"), *args, "--plain-http"]
+        return run(argv, cwd=cwd, env=self.env, expect_ok=expect_ok)
 
     def regctl(self, *args: str, timeout: float = CLIENT_TIMEOUT, expect_ok: bool = True) -> Done:
         argv = [client_path("regctl"), "--host", f"reg={self.host},tls=disabled", *args]
@@ -109,4 +125,4 @@ class Clients:
     def skopeo(self, *args: str, timeout: float = CLIENT_TIMEOUT, expect_ok: bool = True) -> Done:
         # --insecure-policy: the test's own images need no signature policy from /etc/containers.
         argv = [client_path("skopeo"), "--insecure-policy", *args]
-        return run(argv, timeout=timeout, expect_ok=expect_ok)
+        return run(argv, timeout=timeout, env=self.env, expect_ok=expect_ok)

@@ -21,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from services.core.provision import provision
 from services.core.settings import Settings
+from tests.authfiles import USERS, with_auth
 from tests.conftest import ServiceProcess, free_port, registry_process, wait_for_query
 from tests.registry.clients import Clients
 
@@ -36,7 +37,7 @@ def log_tail(service: ServiceProcess, lines: int = 30) -> str:
 
 
 async def wait_for_registry(registry: ServiceProcess, url: str, timeout: float) -> None:
-    """Until GET /v2/ answers 200 (the spec's end-1 check); fails at once if the process exits."""
+    """Until GET /v2/ answers (the spec's end-1 check); fails at once if the process exits."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
@@ -50,7 +51,10 @@ async def wait_for_registry(registry: ServiceProcess, url: str, timeout: float) 
                 )
             try:
                 async with http.get(url + "/v2/") as response:
-                    if response.status == 200:
+                    # 401 with a challenge is the answer of a registry with logins on.
+                    if response.status == 200 or (
+                        response.status == 401 and "WWW-Authenticate" in response.headers
+                    ):
                         return
                     last = f"HTTP {response.status}"
             except (aiohttp.ClientError, TimeoutError) as error:
@@ -82,7 +86,10 @@ async def registry_settings(
     }
     index = tmp_path_factory.mktemp("registry-query") / "index.sqlite"
     query = {"query_listen": address, "query_url": f"http://{address}", "index_path": str(index)}
-    own = replace(settings, bucket=f"layerlog-{run}", **query, **topics)
+    own = with_auth(
+        replace(settings, bucket=f"layerlog-{run}", **query, **topics),
+        tmp_path_factory.mktemp("registry-auth"),
+    )
     await provision(own, timeout=30)
     yield own
     admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
@@ -119,4 +126,7 @@ async def registry(
 
 @pytest.fixture()
 def clients(registry: Registry, tmp_path: Path) -> Clients:
-    return Clients(registry.host, tmp_path)
+    """The clients, logged in as the admin."""
+    clients = Clients(registry.host, tmp_path)
+    clients.log_in("admin", USERS["admin"])
+    return clients

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.authfiles import admin_bearer
 from tests.layers import random_tar
 from tests.registry.clients import Clients, client_path, run_hashing
 from tests.registry.conftest import Registry
@@ -215,7 +216,8 @@ def test_oras_attach_and_discover_through_the_referrers_api(
 
     subject_digest = clients.crane("digest", subject).stdout.decode().strip()
     url = f"{registry.url}/v2/{repository}/referrers/{subject_digest}"
-    with urllib.request.urlopen(url, timeout=30) as response:
+    request = urllib.request.Request(url, headers=admin_bearer(registry.url, repository))
+    with urllib.request.urlopen(request, timeout=30) as response:
         assert response.headers["Content-Type"] == OCI_INDEX
         index = json.loads(response.read())
     assert [entry["digest"] for entry in index["manifests"]] == [sbom_digest]
@@ -260,8 +262,8 @@ def test_tag_listing(clients: Clients, tmp_path: Path) -> None:
     assert after.decode().split() == [tag for tag in expected if tag > "b-tag"]
 
 
-def head_status(url: str) -> int:
-    request = urllib.request.Request(url, method="HEAD")
+def head_status(url: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, method="HEAD", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status
@@ -283,14 +285,15 @@ def test_deletes(clients: Clients, registry: Registry, tmp_path: Path) -> None:
     )
 
     # The manifest by digest goes; then its layers can go too.
+    admin = admin_bearer(registry.url, repository)
     clients.crane("delete", clients.ref(repository, digest))
     assert clients.crane("manifest", clients.ref(repository, digest), expect_ok=False).returncode
-    assert head_status(f"{registry.url}/v2/{repository}/manifests/{digest}") == 404
+    assert head_status(f"{registry.url}/v2/{repository}/manifests/{digest}", admin) == 404
     layer = layers_of(layout, Descriptor(OCI_MANIFEST, digest, 0))[0]
-    assert head_status(f"{registry.url}/v2/{repository}/blobs/{layer}") == 200
+    assert head_status(f"{registry.url}/v2/{repository}/blobs/{layer}", admin) == 200
     clients.regctl("blob", "delete", clients.ref(repository), layer)
     assert clients.crane("blob", clients.ref(repository, layer), expect_ok=False).returncode
-    assert head_status(f"{registry.url}/v2/{repository}/blobs/{layer}") == 404
+    assert head_status(f"{registry.url}/v2/{repository}/blobs/{layer}", admin) == 404
 
 
 def test_skopeo_copies_in_and_out(clients: Clients, tmp_path: Path) -> None:
@@ -384,7 +387,7 @@ def test_one_gib_layer_with_crane_keeps_every_service_under_200_mib(
             "blob",
             clients.ref("clients/big", layer.digest),
         ]
-        read_back = run_hashing(argv, timeout=900)
+        read_back = run_hashing(argv, timeout=900, env=clients.env)
     assert read_back == layer.digest
     assert clients.crane("digest", ref).stdout.decode().strip() == manifest.digest
 
