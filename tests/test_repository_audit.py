@@ -171,14 +171,18 @@ async def test_a_blob_link_its_upload_did_not_commit_is_reported(settings):
     assert report.breaks == [] and report.blobs == 1
     orphan = replace(link, event_id="forged-1", upload_id=str(uuid.uuid4()))
     elsewhere = replace(link, event_id="forged-2", object_key=f"blobs/{uuid.uuid4()}")
-    offsets = await inject(settings, repo, orphan, elsewhere)
+    # The genuine link said again in someone else's name: the push is not theirs.
+    impostor = replace(link, actor="mallory")
+    offsets = await inject(settings, repo, orphan, elsewhere, impostor)
     report = await verify_log(settings, repository=repo, check_blobs=False)
     assert [(b.offset, b.event, b.repository) for b in report.breaks] == [
         (offsets[0], "BlobLinked", repo),
         (offsets[1], "BlobLinked", repo),
+        (offsets[2], "BlobLinked", repo),
     ]
     assert "no LayerCommitted" in report.breaks[0].problem
     assert "object_key" in report.breaks[1].problem
+    assert "its actor" in report.breaks[2].problem
     # A copy of the genuine link, appended later (after an unlink, it would relink the blob),
     # and one with a made-up id.
     (copy_at, renamed_at) = await inject(settings, repo, link, replace(link, event_id="forged-3"))

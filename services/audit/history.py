@@ -1,4 +1,5 @@
-"""`layerlog history`: an upload's events, in log order, each with the command that caused it.
+"""`layerlog history`: an upload's events, in log order, each with who did it (its actor) and
+the command that caused it.
 
 Keying by upload id puts all of an upload's events in one partition of the events topic and all
 of its commands in one partition of the commands topic, so the history of one upload reads one
@@ -43,6 +44,8 @@ from services.core.settings import Settings
 WINDOW_MARGIN_MS = 5 * 60 * 1000
 RETENTION_NOTE = f"commands are kept {COMMAND_RETENTION_MS // (24 * 3600 * 1000)} days"
 
+# Shown on their own, not among an event's or a command's details. A command's token is not
+# shown at all: it is a credential, and who it was issued to is the command's subject.
 _EVENT_COMMON = (
     "event_id",
     "upload_id",
@@ -50,8 +53,17 @@ _EVENT_COMMON = (
     "caused_by",
     "occurred_at",
     "schema_version",
+    "actor",
 )
-_COMMAND_COMMON = ("command_id", "upload_id", "repository", "issued_at", "schema_version")
+_COMMAND_COMMON = (
+    "command_id",
+    "upload_id",
+    "repository",
+    "issued_at",
+    "schema_version",
+    "subject",
+    "token",
+)
 _STATES = {
     UploadStarted: "open",
     UploadFinished: "finishing",
@@ -87,6 +99,7 @@ class CommandInfo:
     issued_at: datetime
     details: dict[str, Any]
     copies: int = 1  # a client that resends after a timeout puts the same command twice
+    subject: str | None = None  # who issued it, as its sender verified (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,13 @@ class Entry:
         return self.command.issued_at
 
     @property
+    def actor(self) -> str | None:
+        """Who did it: the event's actor, or for a command with no event yet its subject."""
+        if self.logged is not None:
+            return None if self.logged.event is None else self.logged.event.actor
+        return None if self.command is None else self.command.subject
+
+    @property
     def name(self) -> str:
         if self.logged is None:
             return "-"
@@ -123,6 +143,14 @@ class UploadHistory:
     events_partition: int
     commands_partition: int | None
     entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def pushed_by(self) -> str | None:
+        """Who started the upload: its UploadStarted's actor."""
+        for entry in self.entries:
+            if entry.logged is not None and isinstance(entry.logged.event, UploadStarted):
+                return entry.logged.event.actor
+        return None
 
     @property
     def state(self) -> str:
@@ -301,6 +329,7 @@ def _command(raw: RawRecord) -> tuple[str, CommandInfo] | None:
         raw.offset,
         command.issued_at,
         details,
+        subject=command.subject,
     )
     return command.upload_id, info
 
@@ -335,6 +364,7 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "repository": entry.repository,
         "time": _iso(entry.time),
         "event": None if entry.logged is None else entry.name,
+        "actor": entry.actor,
     }
     logged = entry.logged
     if logged is not None:
@@ -375,12 +405,14 @@ def write_table(histories: Iterable[UploadHistory], out: TextIO) -> None:
             if history.commands_partition is not None
             else "no commands topic"
         )
+        pushed_by = history.pushed_by
+        by = "" if pushed_by is None else f"  pushed by {pushed_by}"
         out.write(
             f"upload {history.upload_id}  repository {history.repository}  "
-            f"state {history.state}  (events partition {history.events_partition}, "
+            f"state {history.state}{by}  (events partition {history.events_partition}, "
             f"{commands})\n"
         )
-        rows = [("TIME (UTC)", "EVENT", "CAUSED BY", "EVENT AT", "COMMAND AT", "DETAILS")]
+        rows = [("TIME (UTC)", "EVENT", "BY", "CAUSED BY", "EVENT AT", "COMMAND AT", "DETAILS")]
         rows += [_row(entry) for entry in history.entries]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         for row in rows:
@@ -394,7 +426,7 @@ def write_table(histories: Iterable[UploadHistory], out: TextIO) -> None:
             )
 
 
-def _row(entry: Entry) -> tuple[str, str, str, str, str, str]:
+def _row(entry: Entry) -> tuple[str, str, str, str, str, str, str]:
     moment = entry.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
     command = entry.command
     if entry.command_status == CommandStatus.FOUND and command is not None:
@@ -419,7 +451,7 @@ def _row(entry: Entry) -> tuple[str, str, str, str, str, str]:
         # The hash chain is for `audit verify`; in a table it is 64 characters of noise.
         shown.pop("prev_hash", None)
         details = _pairs(shown)
-    return moment, entry.name, cause, at, command_at, details
+    return moment, entry.name, entry.actor or "-", cause, at, command_at, details
 
 
 def _pairs(values: dict[str, Any]) -> str:

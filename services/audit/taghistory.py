@@ -1,5 +1,5 @@
-"""`layerlog history --repo R --tag T`: every digest a tag pointed to, when, and which command
-moved it.
+"""`layerlog history --repo R --tag T`: every digest a tag pointed to, when, who moved it (the
+event's actor) and which command did.
 
 Repository events are keyed by the repository name, so one repository's tag moves are all in the
 one events partition that key maps to; only that partition is read, and only records with that
@@ -112,6 +112,7 @@ async def _causing_commands(
                         raw.offset,
                         command.issued_at,
                         {"reference": getattr(command, "reference", None)},
+                        subject=command.subject,
                     )
     return found
 
@@ -123,6 +124,7 @@ def change_json(repository: str, change: TagChange) -> dict[str, Any]:
         "tag": event.tag,
         "time": _iso(event.occurred_at),
         "event": type(event).__name__,
+        "actor": event.actor,  # who moved or deleted the tag (None: not recorded)
         "digest": change.digest,
         "previous_digest": event.previous_digest,
         "partition": change.partition,
@@ -142,7 +144,7 @@ def write_json(repository: str, changes: list[TagChange], out: TextIO) -> None:
 def write_table(repository: str, tag: str, changes: list[TagChange], out: TextIO) -> None:
     partition = changes[0].partition if changes else "-"
     out.write(f"tag {repository}:{tag}  (events partition {partition})\n")
-    rows = [("TIME (UTC)", "EVENT", "DIGEST", "PREVIOUS", "CAUSED BY", "EVENT AT")]
+    rows = [("TIME (UTC)", "EVENT", "BY", "DIGEST", "PREVIOUS", "CAUSED BY", "EVENT AT")]
     for change in changes:
         command = change.command
         if command is not None:
@@ -155,6 +157,7 @@ def write_table(repository: str, tag: str, changes: list[TagChange], out: TextIO
             (
                 change.event.occurred_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
                 type(change.event).__name__,
+                change.event.actor or "-",
                 change.digest or "(deleted)",
                 change.event.previous_digest or "-",
                 cause,

@@ -179,7 +179,7 @@ def _link_commit_problem(link: BlobLinked, commit: LayerCommitted | None) -> str
         return "links into the repository's chain, which a BlobLinked is outside of"
     if commit is None:
         return f"upload {link.upload_id} has no LayerCommitted"
-    for name in ("repository", "digest", "object_key", "size", "blob_sha256"):
+    for name in ("repository", "digest", "object_key", "size", "blob_sha256", "actor"):
         if getattr(link, name) != getattr(commit, name):
             return f"its {name} is not the one upload {link.upload_id}'s LayerCommitted names"
     if link.event_id != derived_id(commit.event_id, "BlobLinked"):

@@ -105,11 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "history",
         "print the ordered history of an upload, or of every upload to a repository",
         "Replay the events topic (and the commands that caused the events) and print an "
-        "upload's history: time, event, causing command, log positions (PARTITION@OFFSET), "
-        "sizes, digests and verdicts. UPLOAD_ID reads only the one partition of each topic its "
-        "key maps to. --repo has no key to go by and scans the WHOLE events topic once (slow on "
-        "a long log), then prints each matching upload's history. Commands are kept 7 days; an "
-        "older event's command is shown as gone. Chunk bytes are never printed.",
+        "upload's history: time, event, who did it, causing command, log positions "
+        "(PARTITION@OFFSET), sizes, digests and verdicts. UPLOAD_ID reads only the one "
+        "partition of each topic its key maps to. --repo has no key to go by and scans the "
+        "WHOLE events topic once (slow on a long log), then prints each matching upload's "
+        "history. Commands are kept 7 days; an older event's command is shown as gone. Chunk "
+        "bytes and tokens are never printed.",
     )
     history.add_argument("upload_id", nargs="?", metavar="UPLOAD_ID", help="the upload's id")
     history.add_argument(
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument(
         "--tag",
         metavar="T",
-        help="with --repo: every digest tag T pointed to, when, and the command that moved it "
+        help="with --repo: every digest tag T pointed to, when, who and which command moved it "
         "(reads only the repository's partition)",
     )
     history.add_argument(

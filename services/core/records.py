@@ -30,6 +30,18 @@ def derived_id(cause: str, kind: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"layerlog:{cause}:{kind}"))
 
 
+# Who did it. A command carries the subject its sender (the registry, the SDK) verified the
+# caller's token for, and the token itself, which the upload worker checks; every event names, as
+# `actor`, the subject of the command that caused it. (Not `subject` on events: ManifestStored's
+# `subject` is the OCI referrers subject, a manifest digest, on the log since its schema v1.)
+
+ANONYMOUS = "anonymous"
+"""The subject of a caller without a login, where the policy lets one in."""
+
+UPLOAD_WORKER = "system:upload-worker"
+"""The subject of what the upload worker does by itself: expiring an idle upload."""
+
+
 # Commands: what clients ask for, on the commands topic, keyed by upload_id.
 
 
@@ -40,6 +52,10 @@ class Command:
     command_id: str = field(default_factory=new_id)
     issued_at: datetime = field(default_factory=now)
     schema_version: int = 1
+    # None with auth off, and in commands written before schema v2.
+    subject: str | None = None
+    # A bearer credential: kept out of repr, so that it never reaches a log.
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +71,8 @@ class AppendChunk(Command):
     def __repr__(self) -> str:  # keep megabytes of chunk out of logs and test failures
         return (
             f"AppendChunk(upload_id={self.upload_id!r}, offset={self.offset}, "
-            f"len(data)={len(self.data)}, command_id={self.command_id!r})"
+            f"len(data)={len(self.data)}, command_id={self.command_id!r}, "
+            f"subject={self.subject!r})"
         )
 
 
@@ -100,6 +117,9 @@ class Event:
     schema_version: int = 1
     # The upload's hash chain: the sha256 of the previous chained event's encoded bytes.
     prev_hash: str | None = None
+    # The causing command's subject (a verdict's: its UploadFinished's); None with auth off and
+    # in events written before schema v3.
+    actor: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +200,8 @@ class RejectReason(StrEnum):
     LAYER_TOO_LARGE = "LAYER_TOO_LARGE"
     # The worker failed on the command (a bug, logged); the record went to the dead letters.
     HANDLER_ERROR = "HANDLER_ERROR"
+    # The command's token is missing, invalid or does not cover the command.
+    UNAUTHORIZED = "UNAUTHORIZED"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +235,9 @@ class RepositoryCommand:
     command_id: str = field(default_factory=new_id)
     issued_at: datetime = field(default_factory=now)
     schema_version: int = 1
+    # As on Command: who asks, and the token that says they may.
+    subject: str | None = None
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,7 +252,8 @@ class PutManifest(RepositoryCommand):
     def __repr__(self) -> str:
         return (
             f"PutManifest(repository={self.repository!r}, reference={self.reference!r}, "
-            f"digest={self.digest!r}, len(body)={len(self.body)}, command_id={self.command_id!r})"
+            f"digest={self.digest!r}, len(body)={len(self.body)}, command_id={self.command_id!r}, "
+            f"subject={self.subject!r})"
         )
 
 
@@ -276,6 +302,9 @@ class RepositoryEvent:
     schema_version: int = 1
     # The repository's hash chain: the sha256 of its previous chained event's encoded bytes.
     prev_hash: str | None = None
+    # The causing command's subject (a BlobLinked's: its LayerCommitted's); None with auth off
+    # and in events written before schema v2.
+    actor: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,7 +320,8 @@ class ManifestStored(RepositoryEvent):
     def __repr__(self) -> str:
         return (
             f"ManifestStored(repository={self.repository!r}, digest={self.digest!r}, "
-            f"media_type={self.media_type!r}, size={self.size}, event_id={self.event_id!r})"
+            f"media_type={self.media_type!r}, size={self.size}, event_id={self.event_id!r}, "
+            f"actor={self.actor!r})"
         )
 
 
@@ -349,6 +379,8 @@ class RepositoryRejectReason(StrEnum):
     BLOB_UNKNOWN = "BLOB_UNKNOWN"
     # The worker failed on the command (a bug, logged); the record went to the dead letters.
     HANDLER_ERROR = "HANDLER_ERROR"
+    # The command's token is missing, invalid or does not cover the command.
+    UNAUTHORIZED = "UNAUTHORIZED"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -445,4 +445,5 @@ def _upload_json(row: UploadRow) -> dict[str, object]:
         "detail": row.detail,
         "expected": row.expected,
         "actual": row.actual,
+        "actor": row.actor,
     }

@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS uploads (
     reason         TEXT,
     detail         TEXT,
     expected       TEXT,
-    actual         TEXT
+    actual         TEXT,
+    actor          TEXT  -- who started it (its UploadStarted's actor; null: not recorded)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rejections (
     command_id      TEXT PRIMARY KEY,
@@ -155,6 +156,15 @@ _TABLES = (
 )
 
 
+# Columns added since a table was first created: (table, column, type). An index from before
+# one gets it empty (null), which is true of every row it holds: in a layers row, the bytes are
+# where its one commit put them; in an uploads row, the events it was made from named nobody.
+_ADDED_COLUMNS = (
+    ("layers", "stored_at", "INTEGER"),
+    ("uploads", "actor", "TEXT"),
+)
+
+
 def _schema_script(db: sqlite3.Connection) -> str:
     links = {c[1] for c in db.execute("PRAGMA table_info(blob_links)")}
     if "pushed_at" in links:
@@ -162,11 +172,12 @@ def _schema_script(db: sqlite3.Connection) -> str:
         # carried over, so it is dropped whole (offsets too) and rebuilt from the log.
         drops = " ".join(f"DROP TABLE IF EXISTS {table};" for table in _TABLES)
         return f"BEGIN; {drops} {SCHEMA} COMMIT;"
-    columns = {c[1] for c in db.execute("PRAGMA table_info(layers)")}
-    if not columns or "stored_at" in columns:
-        return SCHEMA
-    # An index from before stored_at: its rows' bytes are where their one commit put them.
-    return f"ALTER TABLE layers ADD COLUMN stored_at INTEGER; {SCHEMA}"
+    alters = []
+    for table, column, kind in _ADDED_COLUMNS:
+        columns = {c[1] for c in db.execute(f"PRAGMA table_info({table})")}
+        if columns and column not in columns:  # no columns: a new index, SCHEMA creates it
+            alters.append(f"ALTER TABLE {table} ADD COLUMN {column} {kind};")
+    return " ".join([*alters, SCHEMA])
 
 
 class UploadStates:
@@ -201,6 +212,7 @@ class UploadRow:
     detail: str | None
     expected: str | None
     actual: str | None
+    actor: str | None  # who started the upload; None when its events named nobody
 
 
 @dataclass(frozen=True)
@@ -269,6 +281,7 @@ class Index:
         self.path = path
         self.read_only = read_only
         self._local = threading.local()
+        self._upload_query: str | None = None
         if not read_only:
             with self._connection() as db:
                 db.executescript(_schema_script(db))
@@ -324,16 +337,20 @@ class Index:
         return None if linked is None else self.blob(linked[0], digest)
 
     def upload(self, upload_id: str) -> UploadRow | None:
-        row = (
-            self._connection()
-            .execute(
-                "SELECT upload_id, repository, state, durable_offset, updated_at, digest, size, "
-                "reason, detail, expected, actual FROM uploads WHERE upload_id = ?",
-                (upload_id,),
-            )
-            .fetchone()
-        )
+        db = self._connection()
+        row = db.execute(self._upload_select(db), (upload_id,)).fetchone()
         return UploadRow(*row) if row else None
+
+    def _upload_select(self, db: sqlite3.Connection) -> str:
+        if self._upload_query is None:
+            # A read-only index is served as it was written, maybe by a version without actor.
+            columns = {c[1] for c in db.execute("PRAGMA table_info(uploads)")}
+            actor = "actor" if "actor" in columns or not columns else "NULL"
+            self._upload_query = (
+                "SELECT upload_id, repository, state, durable_offset, updated_at, digest, size, "
+                f"reason, detail, expected, actual, {actor} FROM uploads WHERE upload_id = ?"
+            )
+        return self._upload_query
 
     def rejection(self, command_id: str) -> RejectionRow | None:
         row = (
@@ -534,8 +551,8 @@ class Index:
         if isinstance(event, UploadStarted):
             db.execute(
                 "INSERT OR IGNORE INTO uploads (upload_id, repository, state, durable_offset, "
-                "updated_at) VALUES (?, ?, ?, 0, ?)",
-                (event.upload_id, event.repository, UploadStates.OPEN, at),
+                "updated_at, actor) VALUES (?, ?, ?, 0, ?, ?)",
+                (event.upload_id, event.repository, UploadStates.OPEN, at, event.actor),
             )
         elif isinstance(event, ChunkAppended):
             db.execute(

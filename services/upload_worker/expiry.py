@@ -18,7 +18,7 @@ from services.core import kafka
 from services.core.codec import CODEC
 from services.core.eventlog import partition_for
 from services.core.objectstore import ObjectStore
-from services.core.records import ExpireUpload
+from services.core.records import UPLOAD_WORKER, ExpireUpload
 from services.core.settings import Settings
 from services.upload_worker.staging import STATE_PREFIX, StagingArea, Status
 
@@ -77,7 +77,10 @@ class Expiry:
             if time.time() * 1000 - state.updated_ms < ttl * 1000:
                 continue
             command = ExpireUpload(
-                upload_id=upload_id, repository=state.repository, ttl_seconds=ttl
+                upload_id=upload_id,
+                repository=state.repository,
+                ttl_seconds=ttl,
+                subject=UPLOAD_WORKER,
             )
             await producer.send_and_wait(
                 self.settings.commands_topic, CODEC.encode(command), key=upload_id.encode()

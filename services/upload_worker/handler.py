@@ -24,6 +24,7 @@ from services.core.processor import Output, dead_letter
 from services.core.records import (
     COMMAND_TYPES,
     REPOSITORY_COMMAND_TYPES,
+    UPLOAD_WORKER,
     AppendChunk,
     CancelUpload,
     ChunkAppended,
@@ -241,6 +242,7 @@ class CommandHandler:
             caused_by=command.command_id,
             occurred_at=at_ms(at),
             staging_key=staging_key(command.upload_id),
+            actor=command.subject,
         )
 
     async def _append(self, command: AppendChunk, state: UploadState, src: Source) -> list[Event]:
@@ -342,6 +344,7 @@ class CommandHandler:
             chunk_sha256=record.sha256,
             occurred_at=at_ms(record.at_ms),
             prev_hash=record.prev_hash,
+            actor=command.subject,
         )
 
     async def _finish(self, command: FinishUpload, state: UploadState, src: Source) -> list[Event]:
@@ -389,6 +392,7 @@ class CommandHandler:
             staging_key=staging_key(command.upload_id),
             occurred_at=at_ms(finish.at_ms),
             prev_hash=finish.prev_hash,
+            actor=command.subject,
         )
 
     async def _cancel(self, command: CancelUpload, state: UploadState, src: Source) -> list[Event]:
@@ -458,6 +462,7 @@ class CommandHandler:
             reason=rejection.reason,
             detail=rejection.detail,
             expected_offset=rejection.expected_offset,
+            actor=command.subject,
         )
 
 
@@ -469,6 +474,7 @@ class _ClosedFields(TypedDict):
     durable_offset: int
     occurred_at: datetime
     prev_hash: str | None
+    actor: str | None
 
 
 def _closed_fields(
@@ -483,6 +489,8 @@ def _closed_fields(
         "durable_offset": closing.durable_offset,
         "occurred_at": at_ms(closing.at_ms),
         "prev_hash": closing.prev_hash,
+        # Expiry is the worker's own doing, whatever an ExpireUpload record says of its sender.
+        "actor": UPLOAD_WORKER if isinstance(command, ExpireUpload) else command.subject,
     }
 
 

@@ -382,6 +382,7 @@ class RepositoryCommands:
                 command_type=type(command).__name__,
                 reason=decision.reason,
                 detail=decision.detail,
+                actor=command.subject,
             )
             return [Output(self.settings.events_topic, key, CODEC.encode(rejected))]
         outputs = []
@@ -402,6 +403,7 @@ def _events(command: RepositoryCommand, decision: Decision) -> list[RepositoryEv
             "repository": command.repository,
             "caused_by": command.command_id,
             "occurred_at": at_ms(decision.at_ms),
+            "actor": command.subject,
         }
 
     if isinstance(command, PutManifest):

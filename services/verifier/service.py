@@ -131,6 +131,8 @@ class Verifier:
             "caused_by": event.caused_by,
             "occurred_at": at_ms(verdict.at_ms),
             "prev_hash": prev_hash,
+            # The upload's pusher, as its UploadFinished says: the verifier acts for them.
+            "actor": event.actor,
         }
         if verdict.committed:
             return LayerCommitted(
@@ -168,6 +170,7 @@ _LINK_FIELDS = (
     "object_key",
     "blob_sha256",
     "upload_id",
+    "actor",
 )
 
 

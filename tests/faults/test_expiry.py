@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from services.client import LayerService, LayerUploadUnknown
-from services.core.records import UploadExpired
+from services.core.records import UPLOAD_WORKER, UploadExpired
 from tests.conftest import ServiceProcess
 from tests.faults.audit import events_by_upload
 from tests.faults.conftest import Pipeline
@@ -51,7 +51,8 @@ async def test_idle_uploads_expire_and_busy_ones_do_not(short_ttl_pipeline, faul
             assert time.monotonic() < deadline, f"expired so far: {len(expired)} of {len(idle)}"
             await asyncio.sleep(1)
         for upload in idle:
-            assert sum(isinstance(e, UploadExpired) for e in events[upload.uuid]) == 1
+            [expired_event] = [e for e in events[upload.uuid] if isinstance(e, UploadExpired)]
+            assert expired_event.actor == UPLOAD_WORKER  # the worker's own doing, not a client's
             with pytest.raises(LayerUploadUnknown):
                 await service.resume(upload.uuid)
             assert await fault_store.list_keys(f"uploads/{upload.uuid}/") == []
