@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import uuid
+from dataclasses import replace
 
 from aiokafka.structs import ConsumerRecord
 
@@ -203,7 +204,9 @@ async def test_a_batch_replayed_after_its_multipart_upload_completed(settings, s
 async def test_expiry_aborts_every_multipart_upload_of_the_layer(settings, store):
     # Crashes between creating a multipart upload and saving the state can leave more uploads
     # on a layer's key than one listing page holds; expiry must abort past the first page too.
-    handler = CommandHandler(settings, StagingArea(store, settings.part_size))
+    # The worker's own TTL bounds the command's from below: 0 here, so the upload is idle now.
+    idle_now = replace(settings, upload_ttl_seconds=0)
+    handler = CommandHandler(idle_now, StagingArea(store, settings.part_size))
     upload = Upload()
     await apply(handler, records([upload.start(), upload.append(b"abandoned")], 0))
     key = f"uploads/{upload.id}/data"
@@ -212,6 +215,20 @@ async def test_expiry_aborts_every_multipart_upload_of_the_layer(settings, store
     assert event_names(await apply(handler, records([expire], 2))) == ["UploadExpired"]
     assert await store.multipart_uploads(key) == []
     assert await store.list_keys(f"uploads/{upload.id}/") == []
+
+
+async def test_an_expiry_asking_for_less_idle_time_than_the_worker_s_ttl_changes_nothing(
+    settings, store
+):
+    # ExpireUpload carries no token: anyone who may write commands could send one. With a
+    # ttl_seconds of 0 it still needs the worker's own TTL of idleness (a week by default).
+    handler = CommandHandler(settings, StagingArea(store, settings.part_size))
+    upload = Upload()
+    await apply(handler, records([upload.start(), upload.append(b"in progress")], 0))
+    forged = ExpireUpload(upload_id=upload.id, repository="staging/test", ttl_seconds=0)
+    assert await apply(handler, records([forged], 2)) == []
+    state = await StagingArea(store, settings.part_size).load(upload.id)
+    assert state is not None and state.status == Status.OPEN
 
 
 async def test_a_chunk_past_the_part_limit_is_refused_and_the_worker_goes_on(settings, store):

@@ -340,7 +340,8 @@ async def test_a_batch_applied_again_names_the_same_actors(settings, store):
 
 
 async def test_expiry_is_the_worker_s_own_whatever_the_command_says(settings, store):
-    handler = CommandHandler(settings, StagingArea(store, settings.part_size))
+    idle_now = replace(settings, upload_ttl_seconds=0)  # every upload is idle long enough
+    handler = CommandHandler(idle_now, StagingArea(store, settings.part_size))
     ids = [str(uuid.uuid4()) for _ in range(3)]
     commands: list[Command] = []
     # From the expiry scan; from a worker before subjects existed; forged in someone's name.

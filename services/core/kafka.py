@@ -111,7 +111,13 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
             settings.commands_topic,
             settings.partitions,
             1,
-            topic_configs={**big_records, "retention.ms": str(COMMAND_RETENTION_MS)},
+            # The broker stamps each command: the upload worker judges a token's expiry by
+            # that time, which a client cannot choose and a replay sees again.
+            topic_configs={
+                **big_records,
+                "retention.ms": str(COMMAND_RETENTION_MS),
+                "message.timestamp.type": "LogAppendTime",
+            },
         ),
         # The events topic is the audit log and the source of truth: never deleted. It carries
         # manifests (ManifestStored has the bytes, up to 4 MiB), so its records are big too.
@@ -161,19 +167,20 @@ async def _raise_record_limit(admin: AIOKafkaAdminClient, spec: NewTopic) -> Non
     it is only sent when the limit is short, with the spec's configs.
     """
     wanted = spec.topic_configs.get("max.message.bytes")
+    stamp = spec.topic_configs.get("message.timestamp.type")
     if wanted is None:
         return
-    resource = ConfigResource(ConfigResourceType.TOPIC, spec.name, {"max.message.bytes": None})
+    names = {"max.message.bytes": None, "message.timestamp.type": None}
+    resource = ConfigResource(ConfigResourceType.TOPIC, spec.name, names)
     (response,) = await admin.describe_configs([resource])
-    entries = response.resources[0][4]
-    current = next((int(entry[1]) for entry in entries if entry[0] == "max.message.bytes"), 0)
-    if current >= int(wanted):
+    current = {entry[0]: entry[1] for entry in response.resources[0][4]}
+    short = int(current.get("max.message.bytes") or 0) < int(wanted)
+    # Commands topics made before logins were stamped by their producers (CreateTime).
+    restamp = stamp is not None and current.get("message.timestamp.type") != stamp
+    if not short and not restamp:
         return
     log.warning(
-        "topic %s takes records of at most %d bytes; setting its configs to %s",
-        spec.name,
-        current,
-        spec.topic_configs,
+        "topic %s has configs %s; setting them to %s", spec.name, current, spec.topic_configs
     )
     await admin.alter_configs(
         [ConfigResource(ConfigResourceType.TOPIC, spec.name, dict(spec.topic_configs))]

@@ -35,7 +35,7 @@ from services.registry import errors
 from services.registry.commandlog import CommandLog, Watcher, caught_up
 from services.registry.errors import answering
 from services.registry.outcomes import Outcome, await_outcome
-from services.registry.uploads import DURABLE_SECONDS, repository_of
+from services.registry.uploads import DURABLE_SECONDS, authority, repository_of
 
 # The spec has no TAG_INVALID; a PUT to a tag outside the grammar is a manifest it cannot take.
 _REFUSALS = {
@@ -45,6 +45,7 @@ _REFUSALS = {
     RepositoryRejectReason.MANIFEST_INVALID: (400, ErrorCode.MANIFEST_INVALID),
     RepositoryRejectReason.MANIFEST_UNKNOWN: (404, ErrorCode.MANIFEST_UNKNOWN),
     RepositoryRejectReason.BLOB_UNKNOWN: (400, ErrorCode.MANIFEST_BLOB_UNKNOWN),
+    RepositoryRejectReason.UNAUTHORIZED: (403, ErrorCode.DENIED),
 }
 
 
@@ -141,6 +142,7 @@ class Manifests:
             digest=str(digest),
             media_type=manifest.media_type,
             body=body,
+            **authority(request),
         )
         await self._apply(command, "the manifest")
         headers = {
@@ -160,7 +162,7 @@ class Manifests:
         if is_digest(reference):
             digest = str(_digest_reference(reference))
             known = await asyncio.to_thread(self.index.manifest, name, digest)
-            command = DeleteManifest(repository=name, digest=digest)
+            command = DeleteManifest(repository=name, digest=digest, **authority(request))
         else:
             try:
                 check_tag(reference)
@@ -168,7 +170,7 @@ class Manifests:
                 known = None  # no tag outside the grammar was ever stored
             else:
                 known = await asyncio.to_thread(self.index.tag, name, reference)
-            command = DeleteTag(repository=name, tag=reference)
+            command = DeleteTag(repository=name, tag=reference, **authority(request))
         if known is None:
             raise OciError(
                 404, ErrorCode.MANIFEST_UNKNOWN, f"no manifest {reference[:300]} in {name}"

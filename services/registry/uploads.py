@@ -110,12 +110,21 @@ def blob_headers(name: str, digest: str) -> dict[str, str]:
     }
 
 
+def authority(request: web.Request) -> dict[str, str | None]:
+    """The subject and token the request's commands carry, for the upload worker to check."""
+    caller = caller_of(request)
+    if caller is None:
+        return {"subject": None, "token": None}  # logins off
+    return {"subject": caller.subject, "token": caller.grant.token}
+
+
 @dataclass
 class Appended:
     """The chunks one request sent, in order: (offset, length, command id)."""
 
     start: int
     end: int
+    by: dict[str, str | None]  # authority(request), which each chunk and the finish carry
     chunks: list[tuple[int, int, str]] = field(default_factory=list)
 
     def first_not_durable(self, durable: int) -> str | None:
@@ -186,11 +195,11 @@ class Uploads:
                 return mounted
         elif "digest" in request.query:
             return await self._monolithic(request, name, digest_param(request.query["digest"]))
-        upload_id = await self._start(name)
+        upload_id = await self._start(name, authority(request))
         return web.Response(status=202, headers=upload_headers(name, upload_id, 0))
 
-    async def _start(self, name: str) -> str:
-        command = StartUpload(upload_id=str(uuid.uuid4()), repository=name)
+    async def _start(self, name: str, by: dict[str, str | None]) -> str:
+        command = StartUpload(upload_id=str(uuid.uuid4()), repository=name, **by)
         await self.log.deliver(command)
 
         def started() -> UploadRow | RejectionRow | None:
@@ -205,7 +214,7 @@ class Uploads:
 
     async def _monolithic(self, request: web.Request, name: str, digest: str) -> web.Response:
         """The whole blob in the POST: start, chunks and finish in one go, one wait."""
-        command = StartUpload(upload_id=str(uuid.uuid4()), repository=name)
+        command = StartUpload(upload_id=str(uuid.uuid4()), repository=name, **authority(request))
         sender = self.log.sender()
         await sender.send(command)
         # The upload's commands share its key and so its partition: the worker reads them in
@@ -240,7 +249,8 @@ class Uploads:
             source, found = await asyncio.to_thread(self._readable_copy, caller, digest)
         if found is None:
             return None
-        command = MountBlob(repository=name, digest=digest, source_repository=source)
+        by = {"subject": caller.subject, "token": caller.grant.token} if caller else {}
+        command = MountBlob(repository=name, digest=digest, source_repository=source, **by)
         await self.log.deliver(command)
         outcome = await self._outcome(command, "the mount")
         if not outcome.applied:
@@ -292,7 +302,7 @@ class Uploads:
         upload_id = self._upload_id(request)
         async with self.locks.hold(upload_id):
             name, _ = await self._open_upload(request)
-            command = CancelUpload(upload_id=upload_id, repository=name)
+            command = CancelUpload(upload_id=upload_id, repository=name, **authority(request))
             await self.log.deliver(command)
 
             def closed() -> UploadRow | RejectionRow | None:
@@ -315,9 +325,11 @@ class Uploads:
         await caught_up(self.barrier)  # a push or mount through another replica counts
         if await asyncio.to_thread(self.index.blob, name, digest) is None:
             raise OciError(404, ErrorCode.BLOB_UNKNOWN, f"no blob {digest} in {name}")
-        command = UnlinkBlob(repository=name, digest=digest)
+        command = UnlinkBlob(repository=name, digest=digest, **authority(request))
         await self.log.deliver(command)
         outcome = await self._outcome(command, "the unlink")
+        if outcome.reason == RepositoryRejectReason.UNAUTHORIZED:
+            raise _denied(outcome.detail or "the unlink was refused")
         if outcome.reason == RepositoryRejectReason.HANDLER_ERROR:
             raise errors.worker_failed("the unlink")
         if not outcome.applied:
@@ -369,7 +381,7 @@ class Uploads:
     ) -> Appended:
         """Sends the request's body as AppendChunk commands of at most max_chunk_bytes, reading
         it as it arrives; the sender keeps the unacknowledged bytes bounded."""
-        appended = Appended(start, start)
+        appended = Appended(start, start, authority(request))
         size = self.settings.max_chunk_bytes
         budget = self.log.budget
         buffer = bytearray()
@@ -442,7 +454,11 @@ class Uploads:
     ) -> None:
         """Sends the gathered bytes as one AppendChunk; its budget goes back when Kafka has it."""
         chunk = AppendChunk(
-            upload_id=upload_id, repository=name, offset=appended.end, data=bytes(buffer)
+            upload_id=upload_id,
+            repository=name,
+            offset=appended.end,
+            data=bytes(buffer),
+            **appended.by,
         )
         buffer.clear()
         await sender.send(chunk, budgeted=budgeted)
@@ -487,7 +503,7 @@ class Uploads:
         self, sender: Sender, name: str, upload_id: str, digest: str, appended: Appended
     ) -> web.Response:
         command = FinishUpload(
-            upload_id=upload_id, repository=name, size=appended.end, digest=digest
+            upload_id=upload_id, repository=name, size=appended.end, digest=digest, **appended.by
         )
         # Sent right behind the last chunk, in the same batch when it fits: the worker then
         # stages and finishes in one transaction.
@@ -594,6 +610,8 @@ def _unknown_upload(upload_id: str, why: str) -> OciError:
 
 
 def _chunk_refusal(name: str, upload_id: str, refused: RejectionRow) -> OciError:
+    if refused.reason == RejectReason.UNAUTHORIZED:
+        return _denied(refused.detail)
     if refused.reason in _OUT_OF_ORDER:
         offset = refused.expected_offset or 0
         return _range_refusal(name, upload_id, offset, refused.detail)
@@ -604,7 +622,14 @@ def _chunk_refusal(name: str, upload_id: str, refused: RejectionRow) -> OciError
     return _invalid(refused)
 
 
+def _denied(detail: str) -> OciError:
+    """The upload worker refused the command's authority (its token ran out mid-request, say)."""
+    return OciError(403, ErrorCode.DENIED, detail)
+
+
 def _finish_refusal(upload_id: str, refused: RejectionRow) -> OciError:
+    if refused.reason == RejectReason.UNAUTHORIZED:
+        return _denied(refused.detail)
     if refused.reason in _GONE:
         return _unknown_upload(upload_id, f"was refused: {refused.detail}")
     if refused.reason == RejectReason.INVALID_DIGEST:

@@ -18,6 +18,7 @@ from typing import TypedDict
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from services.auth.authority import CommandAuthority
 from services.core.codec import CODEC, DecodeError, event_hash
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.processor import Output, dead_letter
@@ -101,8 +102,10 @@ class CommandHandler:
         self.cache: OrderedDict[str, tuple[int, UploadState]] = OrderedDict()
         # Uploads changed since their partition's last settle(), by partition.
         self.touched: dict[int, set[str]] = {}
+        # Kafka records carry no producer identity: each command's token is checked instead.
+        self.authority = CommandAuthority.from_settings(settings)
         # Repository commands (keyed by repository name) share the topic and its partitions.
-        self.repositories = RepositoryCommands(settings, staging.store)
+        self.repositories = RepositoryCommands(settings, staging.store, self.authority)
 
     def forget(self, revoked: set[TopicPartition]) -> None:
         """Another worker may own these partitions now: its writes would make our cache stale."""
@@ -134,9 +137,12 @@ class CommandHandler:
         if isinstance(command, RepositoryCommand):
             return await self.repositories.handle(command, record)
         try:
+            refusal = self.authority.refusal(command, record.timestamp)
+            if refusal is not None:
+                raise Rejected(RejectReason.UNAUTHORIZED, refusal)
             events = await self.apply(command, Source(record.partition, record.offset))
         except Rejected as rejection:
-            events = [self.rejection(command, rejection)]
+            events = [self.rejection(command, rejection, record.timestamp)]
         return [
             Output(self.settings.events_topic, event.upload_id.encode(), CODEC.encode(event))
             for event in events
@@ -157,7 +163,9 @@ class CommandHandler:
         if isinstance(command, RepositoryCommand):
             outputs.append(self.repositories.failed(command, record, detail))
         else:
-            rejected = self.rejection(command, Rejected(RejectReason.HANDLER_ERROR, detail))
+            rejected = self.rejection(
+                command, Rejected(RejectReason.HANDLER_ERROR, detail), record.timestamp
+            )
             key = command.upload_id.encode()
             outputs.append(Output(self.settings.events_topic, key, CODEC.encode(rejected)))
         return outputs
@@ -404,7 +412,10 @@ class CommandHandler:
         # Never a rejection: no client sent it.
         if state is None:
             return []
-        return self._close(command, state, src, Status.EXPIRED, ttl_ms=command.ttl_seconds * 1000)
+        # Anyone who may write commands can send an ExpireUpload (it carries no token): the idle
+        # time it needs is never below this worker's own setting.
+        ttl_seconds = max(command.ttl_seconds, self.settings.upload_ttl_seconds)
+        return self._close(command, state, src, Status.EXPIRED, ttl_ms=ttl_seconds * 1000)
 
     def _close(
         self,
@@ -452,8 +463,11 @@ class CommandHandler:
                 RejectReason.UPLOAD_CANCELLED, f"upload {state.upload_id} is {state.status}"
             )
 
-    def rejection(self, command: Command, rejection: Rejected) -> CommandRejected:
+    def rejection(self, command: Command, rejection: Rejected, at: int) -> CommandRejected:
+        """The rejection, stamped with the command record's time: a replay makes the same bytes."""
+        refused_authority = rejection.reason == RejectReason.UNAUTHORIZED
         return CommandRejected(
+            occurred_at=at_ms(at),
             event_id=derived_id(command.command_id, "CommandRejected"),
             upload_id=command.upload_id,
             repository=command.repository,
@@ -462,7 +476,8 @@ class CommandHandler:
             reason=rejection.reason,
             detail=rejection.detail,
             expected_offset=rejection.expected_offset,
-            actor=command.subject,
+            # A refused authority names nobody: the subject is only what the record claims.
+            actor=None if refused_authority else command.subject,
         )
 
 

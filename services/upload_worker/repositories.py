@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from services.auth.authority import CommandAuthority
 from services.core.codec import CODEC, event_hash
 from services.core.layout import manifest_key, repository_state_key, resolve_blob
 from services.core.names import InvalidName, check_repository
@@ -144,13 +145,17 @@ class RepositoryState:
         return next((d for d in reversed(self.ledger) if d.command_id == command_id), None)
 
 
+_UNAUTHORIZED = RepositoryRejectReason.UNAUTHORIZED
+
+
 class RepositoryCommands:
     """Applies repository commands; the processor's settle/abandon/forget reach it through the
     upload worker's CommandHandler, partition by partition."""
 
-    def __init__(self, settings: Settings, store: ObjectStore) -> None:
+    def __init__(self, settings: Settings, store: ObjectStore, authority: CommandAuthority) -> None:
         self.settings = settings
         self.store = store
+        self.authority = authority
         # States this worker changed last, by repository, with the partition they live in.
         self.cache: OrderedDict[str, tuple[int, RepositoryState]] = OrderedDict()
         self.unsaved: dict[str, RepositoryState] = {}
@@ -197,6 +202,9 @@ class RepositoryCommands:
                 "name, so that the repository's commands are applied in order"
             )
             return self._outputs(command, self._stateless(command, record, detail))
+        refusal = self.authority.refusal(command, record.timestamp)
+        if refusal is not None:
+            return self._outputs(command, self._stateless(command, record, refusal, _UNAUTHORIZED))
         state = await self._state(command.repository)
         decision = state.decided(command.command_id)
         if decision is not None:
@@ -382,7 +390,10 @@ class RepositoryCommands:
                 command_type=type(command).__name__,
                 reason=decision.reason,
                 detail=decision.detail,
-                actor=command.subject,
+                # A refused authority names nobody: the subject is only what the record claims.
+                actor=None
+                if decision.reason == RepositoryRejectReason.UNAUTHORIZED
+                else command.subject,
             )
             return [Output(self.settings.events_topic, key, CODEC.encode(rejected))]
         outputs = []
