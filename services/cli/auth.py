@@ -41,8 +41,11 @@ def admin_password_path(settings: Settings) -> Path:
 
 
 def init(args: argparse.Namespace) -> int:
+    return prepare(Settings.from_env(), quiet=args.quiet)
+
+
+def prepare(settings: Settings, *, quiet: bool) -> int:
     """Creates what is missing (a signing key, the policy, the admin user); keeps what is there."""
-    settings = Settings.from_env()
     made = []
     if not list(Path(settings.auth_keys_dir).glob("*.key")):
         made.append(f"signing key {generate_key_pair(settings.auth_keys_dir)}")
@@ -64,7 +67,7 @@ def init(args: argparse.Namespace) -> int:
         made.append(f"user {ADMIN} (password in {password_file})")
     for line in made:
         print(f"auth: created {line}")
-    if not args.quiet:
+    if not quiet:
         registry = settings.registry_url.split("://", 1)[-1]
         print(
             f"auth: log in as {ADMIN}: "

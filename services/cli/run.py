@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from services.cli import auth as auth_cli
 from services.cli.exits import EXIT_NO, EXIT_OK, EXIT_USAGE
 from services.core.settings import Settings
 
@@ -61,8 +62,25 @@ async def _until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) ->
 
 def run_all(args: argparse.Namespace) -> int:
     """Starts each service as its own process; Ctrl-C (or one of them dying) stops them all."""
-    Settings.from_env()  # a bad setting should fail here, once, not once per service
+    settings = Settings.from_env()  # a bad setting should fail here, once, not once per service
     env = dict(os.environ)
+    if settings.auth:
+        # Absolute, as the index paths: every service reads the same files wherever it runs.
+        for variable, path in (
+            ("LAYERLOG_AUTH_HTPASSWD_FILE", settings.auth_htpasswd_file),
+            ("LAYERLOG_AUTH_POLICY_FILE", settings.auth_policy_file),
+            ("LAYERLOG_AUTH_KEYS_DIR", settings.auth_keys_dir),
+        ):
+            env.setdefault(variable, str(Path(path).resolve()))
+        status = auth_cli.prepare(Settings.from_env(env), quiet=False)
+        if status != EXIT_OK:
+            return status
+    else:
+        print(
+            "layerlog: LAYERLOG_AUTH=off: anyone who reaches the registry and the query service "
+            "may push, pull and delete",
+            file=sys.stderr,
+        )
     env.setdefault("LAYERLOG_INDEX_PATH", str(Path(".cache/query/index.sqlite").resolve()))
     env.setdefault(
         "LAYERLOG_REGISTRY_INDEX_PATH", str(Path(".cache/registry/index.sqlite").resolve())
