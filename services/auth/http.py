@@ -27,7 +27,7 @@ from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 from prometheus_client import Counter
 
-from services.auth.keys import load_signing_key, load_verifying_keys
+from services.auth.keys import KeyInvalid, load_signing_key, load_verifying_keys
 from services.auth.passwords import Htpasswd
 from services.auth.policy import ANONYMOUS, Policy, PolicyRules
 from services.auth.scopes import (
@@ -239,6 +239,11 @@ class Gate:
         keys = load_verifying_keys(
             settings.auth_keys_dir, settings.auth_issuer, settings.auth_issuers_file or None
         )
+        if not keys:
+            raise KeyInvalid(
+                f"LAYERLOG_AUTH is on but {settings.auth_keys_dir} (LAYERLOG_AUTH_KEYS_DIR) holds "
+                "no public key (NAME.pub) to check tokens with; run `layerlog auth init`"
+            )
         self.verifier = TokenVerifier(keys, settings.auth_service)
         self.issuer: TokenIssuer | None = None
         if issues_tokens:
@@ -248,7 +253,10 @@ class Gate:
                 settings.auth_service,
                 settings.auth_token_ttl_seconds,
             )
-        self.logins = _Logins(Htpasswd(settings.auth_htpasswd_file))
+        self.policy.current()  # a broken policy or htpasswd file stops the service here
+        htpasswd = Htpasswd(settings.auth_htpasswd_file)
+        htpasswd.users()
+        self.logins = _Logins(htpasswd)
         self.rates = RateLimiter(settings.auth_rate_limit)
         self.failures = FailureLimiter(settings.auth_login_failures)
 

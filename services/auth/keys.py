@@ -26,8 +26,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
+from services.auth.errors import AuthSetupError
 
-class KeyInvalid(ValueError):
+
+class KeyInvalid(AuthSetupError):
     pass
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import bcrypt
 
+from services.auth.errors import AuthSetupError
+
 # A user name travels in tokens, events and the policy file: keep it to a plain grammar.
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 _BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
@@ -23,7 +25,7 @@ ROUNDS = 12
 MAX_PASSWORD_BYTES = 72
 
 
-class PasswordFileInvalid(ValueError):
+class PasswordFileInvalid(AuthSetupError):
     pass
 
 

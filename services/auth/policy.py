@@ -28,6 +28,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.auth.errors import AuthSetupError
 from services.auth.scopes import Action
 
 ANONYMOUS = "anonymous"
@@ -37,7 +38,7 @@ _ACTIONS = frozenset({Action.PULL, Action.PUSH, Action.DELETE})
 _PATTERN = re.compile(r"^[a-z0-9*][a-z0-9._/*-]*$")
 
 
-class PolicyInvalid(ValueError):
+class PolicyInvalid(AuthSetupError):
     pass
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from services.auth.errors import AuthSetupError
 from services.cli import auth as auth_cli
 from services.cli.exits import EXIT_NO, EXIT_OK, EXIT_USAGE
 from services.core.settings import Settings
@@ -48,7 +49,11 @@ def run_service(args: argparse.Namespace) -> int:
 
             await service.run(settings, stop, index_path=args.index, read_only=args.read_only)
 
-    asyncio.run(_until_signalled(serve))
+    try:
+        asyncio.run(_until_signalled(serve))
+    except AuthSetupError as bad:
+        print(f"layerlog: {args.service}: {bad}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

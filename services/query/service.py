@@ -25,6 +25,8 @@ async def run(
     index_path: str | None = None,
     read_only: bool = False,
 ) -> None:
+    # First: a missing key or a broken policy stops the service before it holds any resource.
+    gate = Gate(settings, issues_tokens=False) if settings.auth else None
     index = Index(index_path or settings.index_path, read_only=read_only)
     projection = None if read_only else Projection(settings, index)
     barrier = None if projection is None else ReadBarrier(settings, projection)
@@ -34,7 +36,7 @@ async def run(
         projection,
         redirect=settings.blob_redirect,
         barrier=barrier,
-        gate=Gate(settings, issues_tokens=False) if settings.auth else None,
+        gate=gate,
     )
     # Long request lines must reach the handlers, which answer them with a JSON 400, rather than
     # the HTTP parser's plain-text refusal.

@@ -33,10 +33,10 @@ def build_app(
     projection: Projection,
     commands: CommandLog,
     barrier: ReadBarrier,
+    gate: Gate | None,
 ) -> web.Application:
     # The read side is the query service's app: blob HEAD/GET, the OCI read routes (GET /v2/,
     # manifests, tags, catalog, referrers), /healthz and /metrics. The write routes join it.
-    gate = Gate(settings, issues_tokens=True) if settings.auth else None
     app = QueryApi(
         index,
         ObjectStore(settings),
@@ -52,12 +52,14 @@ def build_app(
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
+    # First: a missing key or a broken policy stops the registry before it holds any resource.
+    gate = Gate(settings, issues_tokens=True) if settings.auth else None
     index = Index(settings.registry_index_path)
     projection = Projection(settings, index)
     commands = CommandLog(settings)
     await start_with_retry(commands.start, "registry producer")
     barrier = ReadBarrier(settings, projection)
-    app = build_app(settings, index, projection, commands, barrier)
+    app = build_app(settings, index, projection, commands, barrier, gate)
     # As the query service: long request lines reach the handlers, which answer them with the
     # spec's JSON errors, rather than the HTTP parser's plain-text refusal.
     runner = web.AppRunner(app, access_log=None, max_line_size=65536, max_field_size=65536)
