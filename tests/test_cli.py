@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import replace
@@ -22,6 +23,7 @@ import pytest
 
 from services import cli
 from services.cli.progress import Progress
+from tests.authfiles import fetch_token
 from tests.conftest import ROOT, free_port, run_cli, settings_env
 
 
@@ -245,6 +247,11 @@ def test_run_all_serves_every_service_and_ctrl_c_stops_them(settings, tmp_path):
         index_path=str(tmp_path / "query.sqlite"),
         worker_metrics_listen=f"127.0.0.1:{free_port()}",
         verifier_metrics_listen=f"127.0.0.1:{free_port()}",
+        # As `make run`: logins on, over files run-all creates itself on first start.
+        auth=True,
+        auth_htpasswd_file=str(tmp_path / "auth" / "htpasswd"),
+        auth_policy_file=str(tmp_path / "auth" / "policy.toml"),
+        auth_keys_dir=str(tmp_path / "auth" / "keys"),
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "run-all"],
@@ -255,11 +262,23 @@ def test_run_all_serves_every_service_and_ctrl_c_stops_them(settings, tmp_path):
     )
     try:
         assert process.stdout is not None
-        started = process.stdout.readline()
+        said = []
+        while not (said and "started" in said[-1]):
+            said.append(process.stdout.readline())
+            assert said[-1], said
+        started = said[-1]
         children = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", started)]
         assert len(children) == 4, started
-        for url in (f"{own.query_url}/healthz", f"{own.registry_url}/v2/"):
-            assert _answers_200(url, process), f"{url} never answered 200"
+        password = (tmp_path / "auth" / "admin.password").read_text().strip()
+        assert any(f"log in as admin: crane auth login {registry}" in line for line in said), said
+        assert _answers_200(f"{own.query_url}/healthz", process), "the query service never answered"
+        assert _answers_200(f"{own.registry_url}/v2/", process, status=401), "no registry"
+        token = fetch_token(own.registry_url, "admin", password, "registry:catalog:*")
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert _answers_200(f"{own.registry_url}/v2/", process, headers=bearer), "no registry"
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{own.registry_url}/v2/", timeout=5)
+        assert anonymous.value.code == 401
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
         for pid in children:
@@ -270,13 +289,23 @@ def test_run_all_serves_every_service_and_ctrl_c_stops_them(settings, tmp_path):
             process.wait()
 
 
-def _answers_200(url: str, process: subprocess.Popen[str], seconds: float = 60.0) -> bool:
+def _answers_200(
+    url: str,
+    process: subprocess.Popen[str],
+    seconds: float = 60.0,
+    headers: dict[str, str] | None = None,
+    status: int = 200,
+) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
+            request = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == status:
                     return True
+        except urllib.error.HTTPError as refused:
+            if refused.code == status:
+                return True
         except OSError:
             pass
         time.sleep(0.2)
