@@ -131,7 +131,13 @@ async def test_every_event_of_an_upload_names_who_caused_it(producer, settings, 
         AppendChunk(**alice, token=TOKEN, offset=60_000, data=data[60_000:]),
         FinishUpload(**alice, token=TOKEN, size=len(data), digest=sha256(data)),
     )
-    logged = await events_until(settings, upload_id, LayerCommitted)
+    # BlobLinked names the upload too, but travels in the repository's partition: when that is
+    # the upload's partition as well, it shows up here; it is checked on its own below.
+    logged = [
+        e
+        for e in await events_until(settings, upload_id, LayerCommitted)
+        if not isinstance(e.record, BlobLinked)
+    ]
     assert [(type(e.record).__name__, e.record.actor) for e in logged] == [
         ("UploadStarted", "alice"),
         ("ChunkAppended", "alice"),
