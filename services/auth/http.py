@@ -58,6 +58,8 @@ REFUSALS = Counter(
 # A login that succeeded is not checked with bcrypt again for this long (see _Logins).
 LOGIN_CACHE_SECONDS = 60.0
 FAILURE_WINDOW_SECONDS = 60.0
+# Verified tokens kept; past this many (live ones), the cache starts over.
+VERIFIED_CACHE = 10_000
 _OPEN_ROUTES = frozenset({"healthz", "metrics", "token"})
 
 
@@ -257,6 +259,7 @@ class Gate:
         htpasswd = Htpasswd(settings.auth_htpasswd_file)
         htpasswd.users()
         self.logins = _Logins(htpasswd)
+        self.verified: dict[str, Grant] = {}
         self.rates = RateLimiter(settings.auth_rate_limit)
         self.failures = FailureLimiter(settings.auth_login_failures)
 
@@ -275,14 +278,15 @@ class Gate:
             return await handler(request)
         header = request.headers.get("Authorization", "")
         token = _bearer(header)
-        policy = await asyncio.to_thread(self.policy.current)
+        # A stat() of the file, and a parse only when it changed: cheaper than a thread hop.
+        policy = self.policy.current()
         if token is None:
             grant = self._anonymous(policy, needed)
             if grant is None:
                 return self._challenge(needed, "no token", "authentication required")
         else:
             try:
-                grant = self.verifier.verify(token)
+                grant = self._verified(token)
             except TokenRejected as rejected:
                 return self._challenge(needed, rejected.problem, rejected.message, "invalid_token")
             missing = [a for a in needed if not grant.allows(a)]
@@ -300,6 +304,21 @@ class Gate:
             )
         request[CALLER] = Caller(grant, policy)
         return await handler(request)
+
+    def _verified(self, token: str) -> Grant:
+        """The token's grant; a client sends the same token with many requests, so a verified
+        one is kept until it expires rather than checked (an Ed25519 verify) each time."""
+        now = time.time()
+        known = self.verified.get(token)
+        if known is not None and known.expires is not None and now < known.expires:
+            return known
+        grant = self.verifier.verify(token, at=now)
+        if len(self.verified) >= VERIFIED_CACHE:
+            self.verified = {t: g for t, g in self.verified.items() if (g.expires or 0) > now}
+            if len(self.verified) >= VERIFIED_CACHE:
+                self.verified.clear()
+        self.verified[token] = grant
+        return grant
 
     def _anonymous(self, policy: PolicyRules, needed: tuple[Access, ...]) -> Grant | None:
         """A grant for a caller without a token, if the policy lets anyone do all of `needed`."""

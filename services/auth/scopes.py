@@ -76,6 +76,7 @@ class Grant:
     access: tuple[Access, ...]
     token: str | None = None  # the bearer token it came from, which commands carry on
     issuer: str | None = None
+    expires: float | None = None  # the token's exp, in seconds since the epoch
 
     def allows(self, wanted: Access) -> bool:
         return all(self.allows_action(wanted.type, wanted.name, a) for a in wanted.actions)

@@ -153,6 +153,7 @@ class TokenVerifier:
             access=_access(claims.get("access", [])),
             token=token,
             issuer=key.issuer,
+            expires=_number(claims, "exp"),
         )
 
 
