@@ -71,6 +71,7 @@ def test_conformance_suite_passes_every_case(registry: Registry, tmp_path: Path)
             f"the runner exited {done.returncode} without a summary line:\n"
             f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
         )
+    print(f"conformance, logins on: {lines[-1]}")  # shown with -s, and in CI's log on failure
     passed, failed, skipped = (int(group) for group in summary.groups())
     failures = [line for line in lines if line.startswith("FAIL ")]
     report = (
