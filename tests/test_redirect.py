@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import threading
 import time
 from dataclasses import replace
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+from minio import Minio
+from minio.error import S3Error
 
 from services.client import LayerService, LayerUnknown
 from tests.conftest import ServiceProcess, free_port, wait_for_query
@@ -74,6 +77,9 @@ async def test_get_redirects_to_s3_and_reads_match(settings, store, redirecting)
             location = urlsplit(response.headers["Location"])
             assert location.netloc == settings.s3_endpoint
             assert "X-Amz-Signature=" in location.query
+            # Signed with the read-only account, so a leaked URL's key can only read.
+            credential = parse_qs(location.query)["X-Amz-Credential"][0]
+            assert credential.startswith(settings.s3_read_access_key + "/")
         # A plain client follows it, Range header and all.
         ranged = {"Range": "bytes=1000-1999"}
         async with http.get(url, headers=ranged) as response:
@@ -111,3 +117,37 @@ async def test_get_redirects_to_s3_and_reads_match(settings, store, redirecting)
         layer = await reader.fetch("redirect/app", digest)
         with pytest.raises(LayerUnknown):
             await layer.read(10)
+
+
+async def test_the_read_only_account_reads_and_can_do_nothing_else(settings, store):
+    reader = Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_read_access_key,
+        secret_key=settings.s3_read_secret_key,
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+    )
+    await store.put("redirect/probe", b"readable")
+
+    def attempts() -> list[str]:
+        got = reader.get_object(settings.bucket, "redirect/probe")
+        assert got.read() == b"readable"
+        got.close()
+        refused = []
+        for what, attempt in (
+            ("put", lambda: reader.put_object(settings.bucket, "x", io.BytesIO(b"1"), 1)),
+            ("delete", lambda: reader.remove_object(settings.bucket, "redirect/probe")),
+            ("list", lambda: list(reader.list_objects(settings.bucket))),
+        ):
+            try:
+                attempt()
+            except S3Error as error:
+                refused.append(f"{what}:{error.code}")
+        return refused
+
+    assert await asyncio.to_thread(attempts) == [
+        "put:AccessDenied",
+        "delete:AccessDenied",
+        "list:AccessDenied",
+    ]
+    assert await store.get("redirect/probe") == b"readable"

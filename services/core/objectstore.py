@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -175,6 +176,17 @@ class ObjectStore:
             http_client=http,
         )
         self._multipart = _MinioMultipart(self.client, self.bucket)
+        self.reader = settings.s3_reader
+        # Signs redirects: the read-only key when there is one, so a leaked URL only reads.
+        self._signer = self.client
+        if self.reader is not None:
+            self._signer = Minio(
+                settings.s3_endpoint,
+                access_key=self.reader,
+                secret_key=settings.s3_read_secret_key,
+                secure=settings.s3_secure,
+                region=settings.s3_region,
+            )
 
     # Bucket
 
@@ -188,6 +200,34 @@ class ObjectStore:
             return True
 
         return await asyncio.to_thread(create)
+
+    async def grant_reader(self) -> bool:
+        """Lets the read-only key GET the bucket's objects, and nothing else; False when there
+        is no such key or the server takes no bucket policies."""
+        if self.reader is None:
+            return False
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": self.reader,
+                    "Action": ["s3:GetObject"],
+                    "Resource": [f"arn:aws:s3:::{self.bucket}/*"],
+                }
+            ],
+        }
+
+        def put() -> bool:
+            try:
+                self.client.set_bucket_policy(self.bucket, json.dumps(policy))
+            except S3Error as error:
+                if error.code in ("NotImplemented", "MalformedPolicy", "InvalidArgument"):
+                    return False
+                raise
+            return True
+
+        return await asyncio.to_thread(put)
 
     async def abort_stale_multipart_uploads_after(self, days: int) -> bool:
         """Asks the server to abort forgotten multipart uploads; False if it cannot."""
@@ -252,7 +292,7 @@ class ObjectStore:
 
         Signing is local (no request: the region is configured), so it runs on the caller's loop.
         """
-        return self.client.presigned_get_object(self.bucket, key, expires=expires)
+        return self._signer.presigned_get_object(self.bucket, key, expires=expires)
 
     async def stat(self, key: str) -> ObjectInfo:
         def stat() -> ObjectInfo:

@@ -35,6 +35,11 @@ async def provision(settings: Settings, timeout: float = 60.0) -> list[str]:
                     f"S3 at {settings.s3_endpoint} did not answer within {timeout:.0f}s: {error}"
                 ) from error
             await asyncio.sleep(0.5)
+    if settings.s3_reader is not None and not await store.grant_reader():
+        report.append(
+            "note: the S3 server takes no bucket policy; blob redirects are signed with the "
+            "services' key (set LAYERLOG_S3_READ_ACCESS_KEY=none to say so and drop this note)"
+        )
     if not await store.abort_stale_multipart_uploads_after(STALE_MULTIPART_DAYS):
         report.append(
             "note: the S3 server has no lifecycle rules; stale multipart uploads are "

@@ -37,6 +37,11 @@ class Settings:
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     bucket: str = "layerlog"
+    # A key that may only read objects (a bucket policy grants it GetObject): blob redirects
+    # are signed with it, so a presigned URL can never write or delete. `deploy/stack` creates
+    # it on versitygw; "none" signs with the services' own key, for a server without policies.
+    s3_read_access_key: str = "layerlog-reader"
+    s3_read_secret_key: str = "layerlog-reader-secret"
     query_url: str = "http://127.0.0.1:8080"
     query_listen: str = "127.0.0.1:8080"
     commands_topic: str = "layerlog.commands"
@@ -169,6 +174,12 @@ class Settings:
                 "LAYERLOG_EXPIRY_INTERVAL_SECONDS must be at least 1, "
                 f"got {self.expiry_interval_seconds}"
             )
+
+    @property
+    def s3_reader(self) -> str | None:
+        """The read-only S3 account's access key; None when there is none."""
+        key = self.s3_read_access_key.strip()
+        return None if key.lower() in ("", "none") else key
 
     @property
     def token_realm(self) -> str:
