@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +47,7 @@ from tests.conftest import (
     settings_env,
     wait_for_query,
 )
+from tests.registry.clients import client_path
 
 TOKEN_TTL = 6
 GRACE = 2
@@ -238,6 +240,20 @@ async def test_alice_pushes_and_fetches_with_each_source_of_her_login(
     await assert_done_by(stack, upload_id, "alice")
     if source.startswith("cred"):
         assert (tmp_path / "bin" / "asked.log").read_text().split() == [host]
+
+
+async def test_crane_auth_login_logs_the_sdk_in(stack, no_docker_login):
+    """What a registry client writes into config.json is what the SDK reads."""
+    host = registry_host(stack)
+    env = {**os.environ, "DOCKER_CONFIG": str(no_docker_login)}
+    argv = [client_path("crane"), "auth", "login", host, "-u", "alice", "--password-stdin"]
+    done = await asyncio.to_thread(
+        subprocess.run, argv, input=USERS["alice"].encode(), env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    name = unique("alice/crane-login")
+    data = os.urandom(20_000)
+    await assert_done_by(stack, await push(stack, name, data), "alice")
 
 
 async def test_a_helper_with_nothing_for_the_host_falls_through_to_auths(
