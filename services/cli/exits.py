@@ -20,9 +20,12 @@ EXIT_STATUSES = """\
 exit status:
   0    success
   1    the answer is no (exists: not there; history: nothing found) or the operation failed
-       (the layer did not verify, is unknown, the upload was cancelled)
-  2    bad usage or input: arguments, a LAYERLOG_* setting, a file that cannot be read/written
-  3    Kafka, S3 or the query service cannot be reached (or a topic does not exist)
+       (the layer did not verify, is unknown, the upload was cancelled, or the policy does
+       not let the user do it: LayerAccessDenied)
+  2    bad usage or input: arguments, a LAYERLOG_* setting, a file that cannot be read/written,
+       a login the registry refuses (wrong user name or password: LayerLoginFailed)
+  3    Kafka, S3, the query service or the registry's token endpoint cannot be reached
+       (or a topic does not exist)
   130  interrupted (Ctrl-C)"""
 
 
@@ -62,12 +65,23 @@ def _classify(error: Exception) -> tuple[int | None, str, str]:
     from aiokafka.errors import KafkaConnectionError, KafkaError
 
     from services.audit.timetravel import UntilError
-    from services.client import LayerError, LayerNameInvalid
+    from services.client import LayerError, LayerLoginFailed, LayerNameInvalid
+    from services.client.tokens import TokenServerUnavailable
     from services.core.names import InvalidName
 
-    usage = (UsageError, LayerNameInvalid, InvalidName, UntilError, FileExistsError)
+    # A refused login is bad input (the credentials given); a refused action is an answer (1).
+    usage = (
+        UsageError,
+        LayerNameInvalid,
+        LayerLoginFailed,
+        InvalidName,
+        UntilError,
+        FileExistsError,
+    )
     if isinstance(error, usage):
         return EXIT_USAGE, type(error).__name__, str(error)
+    if isinstance(error, TokenServerUnavailable):
+        return EXIT_UNAVAILABLE, "Unavailable", str(error)
     if isinstance(error, LayerError):
         return EXIT_NO, type(error).__name__, str(error)
     # Before OSError: aiohttp's connection errors are OSErrors too, but not the user's fault.

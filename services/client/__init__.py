@@ -7,12 +7,15 @@ async with LayerService() as ls:
 """
 
 from services.client.errors import (
+    LayerAccessDenied,
     LayerError,
     LayerExists,
     LayerInvalidDigest,
     LayerInvalidLength,
+    LayerLoginFailed,
     LayerNameInvalid,
     LayerTarSumVersionUnsupported,
+    LayerUnauthorized,
     LayerUnknown,
     LayerUploadUnknown,
 )
@@ -20,13 +23,16 @@ from services.client.service import Layer, LayerService, LayerUpload
 
 __all__ = [
     "Layer",
+    "LayerAccessDenied",
     "LayerError",
     "LayerExists",
     "LayerInvalidDigest",
     "LayerInvalidLength",
+    "LayerLoginFailed",
     "LayerNameInvalid",
     "LayerService",
     "LayerTarSumVersionUnsupported",
+    "LayerUnauthorized",
     "LayerUnknown",
     "LayerUpload",
     "LayerUploadUnknown",

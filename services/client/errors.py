@@ -35,6 +35,21 @@ class LayerNameInvalid(LayerError):
     """The repository name breaks the distribution grammar."""
 
 
+class LayerUnauthorized(LayerError):
+    """Layerlog will not let the caller do this: who they are, or what they may do, is refused."""
+
+
+class LayerLoginFailed(LayerUnauthorized):
+    """The login is refused or cannot be made: a wrong user name or password, too many failed
+    logins, credentials that cannot be read (a credential helper that fails), or a token endpoint
+    that is not there."""
+
+
+class LayerAccessDenied(LayerUnauthorized):
+    """The policy does not let this user (or an anonymous caller) do this in the repository; the
+    upload worker's UNAUTHORIZED rejection of a command is this error too."""
+
+
 VERDICT_ERRORS: dict[str, type[LayerError]] = {
     "INVALID_DIGEST": LayerInvalidDigest,
     "MALFORMED_LAYER": LayerInvalidDigest,
@@ -45,6 +60,7 @@ VERDICT_ERRORS: dict[str, type[LayerError]] = {
     "UPLOAD_CANCELLED": LayerUploadUnknown,
     "INVALID_REPOSITORY": LayerNameInvalid,
     "REPOSITORY_MISMATCH": LayerUploadUnknown,
+    "UNAUTHORIZED": LayerAccessDenied,
 }
 
 # The query service's 400 codes for a layer request.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,16 +14,22 @@ import aiohttp
 import urllib3
 from aiokafka.errors import KafkaError
 
+from services.auth.scopes import Action
 from services.client.bodies import REDIRECTS, Body, ServiceBody, Unavailable, open_storage
+from services.client.credentials import registry_host
 from services.client.errors import (
     HTTP_ERRORS,
     VERDICT_ERRORS,
+    LayerAccessDenied,
     LayerError,
     LayerInvalidDigest,
+    LayerLoginFailed,
     LayerNameInvalid,
+    LayerUnauthorized,
     LayerUnknown,
     LayerUploadUnknown,
 )
+from services.client.tokens import RepositoryToken, Tokens
 from services.core import kafka
 from services.core.codec import CODEC
 from services.core.names import InvalidName, check_repository
@@ -57,6 +65,10 @@ class LayerService:
         # one batch, which the worker sees in one fetch and commits in one transaction.
         self._producer = kafka.producer(self.settings, max_batch_size=MIB)
         self._http: aiohttp.ClientSession | None = None
+        # With logins on (LAYERLOG_AUTH), tokens from the registry's token endpoint: every
+        # command carries one, every query request sends one (see tokens.py).
+        self._token_http: aiohttp.ClientSession | None = None
+        self._tokens: Tokens | None = None
         # For layer bytes a redirect sends straight to S3 (see bodies.py).
         self.storage = urllib3.PoolManager(
             maxsize=8, timeout=urllib3.Timeout(connect=10, read=60), retries=False
@@ -76,6 +88,11 @@ class LayerService:
             timeout=aiohttp.ClientTimeout(total=None, connect=10),
             read_bufsize=READ_BUFFER,
         )
+        if self.settings.auth:
+            self._token_http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=60, connect=10)
+            )
+            self._tokens = Tokens(self.settings, self._token_http)
 
     async def close(self) -> None:
         # Each resource is let go even when letting go of another one fails.
@@ -86,7 +103,11 @@ class LayerService:
                 if self._http is not None:
                     await self._http.close()
             finally:
-                self.storage.clear()
+                try:
+                    if self._token_http is not None:
+                        await self._token_http.close()
+                finally:
+                    self.storage.clear()
 
     # LayerService verbs
 
@@ -96,13 +117,23 @@ class LayerService:
         await self._deliver([StartUpload(upload_id=upload.uuid, repository=name)])
         return upload
 
-    async def resume(self, upload_id: str) -> LayerUpload:
+    async def resume(self, upload_id: str, name: str | None = None) -> LayerUpload:
         """The upload as of every command Kafka had acknowledged when it was asked: a started
-        upload is found, at the offset of its acknowledged writes."""
+        upload is found, at the offset of its acknowledged writes.
+
+        With logins on, name (the upload's repository) is needed: the query service shows an
+        upload only to a caller who may push to its repository."""
+        if name is not None:
+            _check_name(name)
+        elif self._tokens is not None:
+            raise LayerError(
+                f"resume({upload_id!r}) needs the upload's repository when logins are on "
+                "(LAYERLOG_AUTH): resume(upload_id, name)"
+            )
         deadline = time.monotonic() + self.finish_timeout
         attempt = 0
         while True:
-            async with self.http.get(f"/uploads/{upload_id}") as response:
+            async with await self._request("GET", f"/uploads/{upload_id}", name) as response:
                 body = await response.json(content_type=None)
                 if response.status in (400, 404):
                     raise LayerUploadUnknown(body.get("message", f"upload {upload_id} unknown"))
@@ -110,6 +141,10 @@ class LayerService:
                 # storage is away); it says so rather than answer a wrong 404.
                 if response.status != 503 or time.monotonic() > deadline:
                     _raise_for_status(response, body)
+                    if name is not None and body["repository"] != name:
+                        raise LayerUploadUnknown(
+                            f"upload {upload_id} is in {body['repository']}, not {name}"
+                        )
                     return LayerUpload(self, upload_id, body["repository"], body["offset"])
                 retry_after = _retry_after(response)
             attempt += 1
@@ -141,8 +176,89 @@ class LayerService:
 
     async def _send(self, command: Command) -> asyncio.Future[Any]:
         """Hands one command to the Kafka client; the future says when Kafka has it."""
+        command = await self._authorized(command)
         return await self._producer.send(
             self.settings.commands_topic, CODEC.encode(command), key=command.upload_id.encode()
+        )
+
+    async def _authorized(self, command: Command) -> Command:
+        """The command with the subject and token it travels under (unchanged with logins off).
+
+        Each command takes the cache's token as it is sent, so one sent after an older token ran
+        out carries a newer one; a resend after a Kafka failure is stamped afresh too."""
+        if self._tokens is None:
+            return command
+        token = await self._tokens.for_repository(command.repository)
+        # Every command the SDK sends (start, chunk, finish, cancel) needs push on its repository
+        # (services/auth/authority.py); refusing here keeps the bytes off the log.
+        if not token.allows(Action.PUSH):
+            # The policy may have opened the repository since the token was issued: ask again.
+            self._tokens.forget(command.repository, token)
+            token = await self._tokens.for_repository(command.repository)
+            if not token.allows(Action.PUSH):
+                raise self._denied(token, command.repository, Action.PUSH)
+        return replace(command, subject=token.subject, token=token.value)
+
+    def _denied(self, token: RepositoryToken, name: str, action: str) -> LayerAccessDenied:
+        if token.anonymous:
+            return LayerAccessDenied(
+                f"an anonymous caller may not {action} {name}; log in: set LAYERLOG_USERNAME "
+                f"and LAYERLOG_PASSWORD, or `docker login {registry_host(self.settings)}`"
+            )
+        granted = ", ".join(sorted(token.actions)) or "nothing"
+        return LayerAccessDenied(
+            f"{token.subject} may not {action} {name} (the policy gives {token.subject} "
+            f"{granted} there)"
+        )
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        name: str | None,
+        *,
+        headers: dict[str, str] | None = None,
+        **options: Any,
+    ) -> aiohttp.ClientResponse:
+        """A query service request with name's token (name None: none); the caller releases
+        the response. A 401 fetches a new token and asks once more; a refusal after that, or a
+        403, raises LayerAccessDenied."""
+        for attempt in (1, 2):
+            sent = dict(headers or {})
+            token = None
+            if self._tokens is not None and name is not None:
+                token = await self._tokens.for_repository(name)
+                sent["Authorization"] = f"Bearer {token.value}"
+            response = await self.http.request(method, path, headers=sent, **options)
+            if response.status not in (401, 403):
+                return response
+            said = ""
+            if method != "HEAD":
+                said = _message_of(await response.text(errors="replace"))
+            response.release()
+            if response.status == 401 and token is not None and attempt == 1:
+                assert self._tokens is not None and name is not None
+                self._tokens.forget(name, token)  # expired, or the policy changed: a new one
+                continue
+            raise self._refused(response.status, path, name, token, said)
+        raise AssertionError("unreachable")
+
+    def _refused(
+        self, status: int, path: str, name: str | None, token: RepositoryToken | None, said: str
+    ) -> LayerUnauthorized:
+        if self._tokens is None:
+            return LayerLoginFailed(
+                f"the query service at {self.settings.query_url} wants a login ({status}) but "
+                "logins are off here (LAYERLOG_AUTH=off): turn them on and log in"
+            )
+        if token is None:
+            return LayerAccessDenied(f"the query service refused {path} ({status}): {said}")
+        action = Action.PUSH if path.startswith("/uploads/") else Action.PULL
+        if not token.allows(action) and name is not None:
+            return self._denied(token, name, action)
+        return LayerAccessDenied(
+            f"the query service refused {path} to {token.subject} ({status})"
+            + (f": {said}" if said else "")
         )
 
     async def _deliver(self, commands: list[Command]) -> None:
@@ -178,14 +294,15 @@ class LayerService:
         deadline = time.monotonic() + self.finish_timeout
         attempt = 0
         while True:
-            async with self.http.head(f"/v2/{name}/blobs/{digest}") as response:
+            path = f"/v2/{name}/blobs/{digest}"
+            async with await self._request("HEAD", path, name) as response:
                 if response.status == 200:
                     return dict(response.headers)
                 if response.status == 404:
                     return None
                 if response.status == 400:
                     # HEAD has no body: the GET's says which error it is.
-                    async with self.http.get(f"/v2/{name}/blobs/{digest}") as again:
+                    async with await self._request("GET", path, name) as again:
                         body = await again.json(content_type=None)
                     error_type = HTTP_ERRORS.get(body.get("error", ""), LayerInvalidDigest)
                     raise error_type(body.get("message", "bad request"))
@@ -199,7 +316,9 @@ class LayerService:
             attempt += 1
             await asyncio.sleep(min(retry_after, 0.05 * 2**attempt))
 
-    async def _wait_for_verdict(self, upload_id: str, command_id: str, final: set[str]) -> dict:
+    async def _wait_for_verdict(
+        self, upload_id: str, name: str, command_id: str, final: set[str]
+    ) -> dict:
         deadline = time.monotonic() + self.finish_timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -207,8 +326,10 @@ class LayerService:
                 raise LayerError(f"no verdict for upload {upload_id} within {self.finish_timeout}s")
             wait = min(POLL_SECONDS, remaining)
             try:
-                async with self.http.get(
+                async with await self._request(
+                    "GET",
                     f"/uploads/{upload_id}/verdict",
+                    name,
                     params={"wait": f"{wait:.3f}", "command": command_id},
                 ) as response:
                     body = await response.json(content_type=None)
@@ -260,7 +381,10 @@ class LayerUpload:
         await self._settle(everything=True)
         self._closed = True
         body = await self.service._wait_for_verdict(
-            self.uuid, command.command_id, {"committed", "failed", "cancelled", "expired"}
+            self.uuid,
+            self.name,
+            command.command_id,
+            {"committed", "failed", "cancelled", "expired"},
         )
         if body["state"] == "committed":
             return await self.service.fetch(self.name, digest)
@@ -276,7 +400,10 @@ class LayerUpload:
         await self._settle(everything=True)
         self._closed = True
         body = await self.service._wait_for_verdict(
-            self.uuid, command.command_id, {"cancelled", "committed", "failed", "expired"}
+            self.uuid,
+            self.name,
+            command.command_id,
+            {"cancelled", "committed", "failed", "expired"},
         )
         if body["state"] != "cancelled":
             raise _verdict_error(self.uuid, body)
@@ -409,8 +536,10 @@ class Layer:
     async def _open_at(self, position: int) -> None:
         # One streaming response serves sequential reads; a seek elsewhere opens a ranged one.
         await self.close()
-        response = await self.service.http.get(
+        response = await self.service._request(
+            "GET",
             f"/v2/{self.name}/blobs/{self.digest}",
+            self.name,
             headers={"Range": f"bytes={position}-"},
             allow_redirects=False,
         )
@@ -460,6 +589,16 @@ def _retry_after(response: aiohttp.ClientResponse) -> float:
         return max(0.0, min(5.0, float(response.headers.get("Retry-After", "1"))))
     except ValueError:
         return 1.0
+
+
+def _message_of(text: str) -> str:
+    """The message of the query service's JSON error body, else the start of the text."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip()[:200]
+    message = body.get("message") if isinstance(body, dict) else None
+    return message[:300] if isinstance(message, str) else ""
 
 
 def _raise_for_status(response: aiohttp.ClientResponse, body: dict) -> None:

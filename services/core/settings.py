@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
 MIB = 1 << 20
@@ -94,16 +94,23 @@ class Settings:
     # Requests waiting for a verdict or an outcome at once; past it, 429 with Retry-After.
     max_waiting_requests: int = 512
 
+    # The SDK's and the CLI's own login (services/client/credentials.py), found the way registry
+    # clients find one: LAYERLOG_USERNAME with LAYERLOG_PASSWORD or, for a mounted secret,
+    # LAYERLOG_PASSWORD_FILE; without them a docker config.json; else anonymous.
+    username: str = ""
+    password: str = field(default="", repr=False)  # kept out of repr, so never in a log
+    password_file: str = ""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        for field in fields(cls):
-            variable = "LAYERLOG_" + field.name.upper()
+        for setting in fields(cls):
+            variable = "LAYERLOG_" + setting.name.upper()
             raw = env.get(variable)
             if raw is None or raw == "":
                 continue
-            values[field.name] = _convert(variable, raw, field.type)
+            values[setting.name] = _convert(variable, raw, setting.type)
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings
@@ -168,12 +175,30 @@ class Settings:
             )
         if self.auth_realm:
             _http_url("LAYERLOG_AUTH_REALM", self.auth_realm, "https://registry.example/token")
+        self._validate_login()
 
         if self.expiry_interval_seconds < 1:
             raise SettingsError(
                 "LAYERLOG_EXPIRY_INTERVAL_SECONDS must be at least 1, "
                 f"got {self.expiry_interval_seconds}"
             )
+
+    def _validate_login(self) -> None:
+        if self.password and self.password_file:
+            raise SettingsError(
+                "LAYERLOG_PASSWORD and LAYERLOG_PASSWORD_FILE are both set; set one of them"
+            )
+        if (self.password or self.password_file) and not self.username:
+            which = "LAYERLOG_PASSWORD" if self.password else "LAYERLOG_PASSWORD_FILE"
+            raise SettingsError(f"{which} is set but LAYERLOG_USERNAME is not")
+        if self.username and not (self.password or self.password_file):
+            raise SettingsError(
+                "LAYERLOG_USERNAME is set but neither LAYERLOG_PASSWORD nor "
+                "LAYERLOG_PASSWORD_FILE is"
+            )
+        if ":" in self.username:
+            # HTTP Basic ends the user name at the first colon.
+            raise SettingsError(f"LAYERLOG_USERNAME cannot contain ':', got {self.username!r}")
 
     @property
     def s3_reader(self) -> str | None:
