@@ -97,6 +97,18 @@ PROJECTION_LAST_EVENT_SECONDS = Gauge(
 )
 
 
+# Query service and registry (services.core.waits): requests waiting for a verdict or an
+# outcome, and those refused because the process had as many waiting as it allows.
+WAITING_REQUESTS = Gauge(
+    "layerlog_waiting_requests",
+    "Requests waiting for a verdict or a command's outcome (LAYERLOG_MAX_WAITING_REQUESTS caps it)",
+)
+WAIT_REFUSALS = Counter(
+    "layerlog_wait_refusals",
+    "Requests answered 429 because LAYERLOG_MAX_WAITING_REQUESTS requests were already waiting",
+)
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """HOST:PORT (Settings has validated it already) as the pair start_http_server takes."""
     host, _, port = value.rpartition(":")

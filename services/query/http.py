@@ -26,6 +26,7 @@ from services.auth.http import Gate, caller_of
 from services.auth.scopes import Action
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.objectstore import ObjectNotFound, ObjectStore, is_transient
+from services.core.waits import RETRY_AFTER_SECONDS, WaitLimit, refusal_message
 from services.digests.digest import DigestError, TarSumVersionUnsupported, parse_digest
 from services.oci.errors import ErrorCode, error_body
 from services.query.barrier import Behind, ReadBarrier
@@ -127,6 +128,7 @@ class QueryApi:
         redirect: bool = False,
         barrier: ReadBarrier | None = None,
         gate: Gate | None = None,
+        waits: WaitLimit | None = None,
     ) -> None:
         self.index = index
         self.store = store
@@ -134,6 +136,7 @@ class QueryApi:
         self.barrier = barrier
         self.redirect = redirect
         self.gate = gate
+        self.waits = waits  # caps the verdict waits (?wait=); None: no cap
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[str, Any] = {}
 
@@ -357,7 +360,26 @@ class QueryApi:
         if not math.isfinite(wait) or wait < 0:
             return error(400, "WAIT_INVALID", "wait must be a number of seconds, 0 or more")
         wait = min(wait, MAX_WAIT_SECONDS)
-        deadline = time.monotonic() + max(wait, 0.0)
+        if wait == 0 or self.waits is None:
+            return await self._verdict(request, command_id, wait)
+        # A verdict request only reads: refused, it has changed nothing, and asking again later
+        # finds the verdict in the index all the same.
+        if not self.waits.try_take():
+            return error(
+                429,
+                "TOOMANYREQUESTS",
+                refusal_message(self.waits.limit),
+                **{"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        try:
+            return await self._verdict(request, command_id, wait)
+        finally:
+            self.waits.give()
+
+    async def _verdict(
+        self, request: web.Request, command_id: str | None, wait: float
+    ) -> web.Response:
+        deadline = time.monotonic() + wait
         while True:
             row = await self._upload_row(request)
             if isinstance(row, web.Response):

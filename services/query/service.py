@@ -10,6 +10,7 @@ from aiohttp import web
 from services.auth.http import Gate
 from services.core.objectstore import ObjectStore
 from services.core.settings import Settings
+from services.core.waits import WaitLimit
 from services.query.barrier import ReadBarrier
 from services.query.http import QueryApi
 from services.query.index import Index
@@ -37,6 +38,7 @@ async def run(
         redirect=settings.blob_redirect,
         barrier=barrier,
         gate=gate,
+        waits=WaitLimit(settings.max_waiting_requests),
     )
     # Long request lines must reach the handlers, which answer them with a JSON 400, rather than
     # the HTTP parser's plain-text refusal.

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from services.core.waits import RETRY_AFTER_SECONDS, WaitLimit, refusal_message
 from services.oci.errors import ErrorCode, OciError
 
 
@@ -29,7 +30,41 @@ def worker_failed(what: str) -> OciError:
     )
 
 
+def too_many_waiting(limit: int) -> OciError:
+    return OciError(
+        429,
+        ErrorCode.TOOMANYREQUESTS,
+        refusal_message(limit),
+        {"max_waiting_requests": limit},
+        {"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def waiting(limit: WaitLimit, handler: Handler) -> Handler:
+    """The handler, run only while it holds one of the process's wait slots (else 429).
+
+    The slot is taken when the request arrives, before a byte of its body is read or a command
+    is sent, and held until it answers. A refused request has therefore changed nothing, and
+    sending it again is all its client needs to do. Taking the slot later, just before the wait,
+    would refuse requests whose commands are on the log already: a retried POST would start a
+    second upload and leave the first to expire, and a retried PATCH would meet 416 for the
+    chunks its first attempt sent. The cost is that a PATCH holds a slot while its body streams,
+    not only while it waits for the chunks to be staged.
+    """
+
+    @functools.wraps(handler)
+    async def capped(request: web.Request) -> web.StreamResponse:
+        if not limit.try_take():
+            raise too_many_waiting(limit.limit)
+        try:
+            return await handler(request)
+        finally:
+            limit.give()
+
+    return capped
 
 
 def answering(handler: Handler) -> Handler:

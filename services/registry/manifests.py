@@ -19,6 +19,7 @@ from services.core.records import (
     RepositoryCommand,
     RepositoryRejectReason,
 )
+from services.core.waits import WaitLimit
 from services.oci.errors import ErrorCode, OciError
 from services.oci.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestInvalid, parse_manifest
 from services.oci.references import (
@@ -33,7 +34,7 @@ from services.query.barrier import ReadBarrier
 from services.query.index import Index
 from services.registry import errors
 from services.registry.commandlog import CommandLog, Watcher, caught_up
-from services.registry.errors import answering
+from services.registry.errors import answering, waiting
 from services.registry.outcomes import Outcome, await_outcome
 from services.registry.uploads import DURABLE_SECONDS, authority, repository_of
 
@@ -80,19 +81,28 @@ def _digest_reference(reference: str) -> OciDigest:
 
 
 class Manifests:
-    def __init__(self, index: Index, log: CommandLog, watch: Watcher, barrier: ReadBarrier) -> None:
+    def __init__(
+        self,
+        index: Index,
+        log: CommandLog,
+        watch: Watcher,
+        barrier: ReadBarrier,
+        waits: WaitLimit,
+    ) -> None:
         self.index = index
         self.log = log
         self.watch = watch
         self.barrier = barrier
+        self.waits = waits
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         # Beside the read side's GET/HEAD resource of the same path (see Uploads.add_routes).
         manifest = router.add_resource(
             "/v2/{name:.+}/manifests/{reference}", name="registry-manifest"
         )
-        manifest.add_route("PUT", answering(self.put))
-        manifest.add_route("DELETE", answering(self.delete))
+        # Both wait for their command's outcome, so each holds a wait slot (errors.waiting).
+        manifest.add_route("PUT", answering(waiting(self.waits, self.put)))
+        manifest.add_route("DELETE", answering(waiting(self.waits, self.delete)))
 
     async def put(self, request: web.Request) -> web.Response:
         name = repository_of(request)

@@ -17,6 +17,7 @@ from services.auth.http import Gate
 from services.core.objectstore import ObjectStore
 from services.core.processor import start_with_retry
 from services.core.settings import Settings
+from services.core.waits import WaitLimit
 from services.query.barrier import ReadBarrier
 from services.query.http import QueryApi
 from services.query.index import Index
@@ -37,6 +38,8 @@ def build_app(
 ) -> web.Application:
     # The read side is the query service's app: blob HEAD/GET, the OCI read routes (GET /v2/,
     # manifests, tags, catalog, referrers), /healthz and /metrics. The write routes join it.
+    # One cap for the process: the write routes' waits and the read side's verdict waits.
+    waits = WaitLimit(settings.max_waiting_requests)
     app = QueryApi(
         index,
         ObjectStore(settings),
@@ -44,8 +47,10 @@ def build_app(
         redirect=settings.blob_redirect,
         barrier=barrier,
         gate=gate,
+        waits=waits,
     ).app()
-    WriteApi(settings, index, commands, Watcher(projection), barrier).add_routes(app.router)
+    watch = Watcher(projection)
+    WriteApi(settings, index, commands, watch, barrier, waits).add_routes(app.router)
     if gate is not None:
         gate.add_routes(app.router)  # GET/POST /token, where clients log in
     return app

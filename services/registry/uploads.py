@@ -34,13 +34,14 @@ from services.core.records import (
     UnlinkBlob,
 )
 from services.core.settings import Settings
+from services.core.waits import WaitLimit
 from services.oci.errors import ErrorCode, OciError
 from services.oci.references import InvalidReference, parse_oci_digest
 from services.query.barrier import Behind, ReadBarrier
 from services.query.index import Index, LayerRow, RejectionRow, UploadRow, UploadStates
 from services.registry import errors
 from services.registry.commandlog import CommandLog, Sender, Watcher, caught_up
-from services.registry.errors import answering
+from services.registry.errors import answering, waiting
 from services.registry.outcomes import Outcome, await_outcome
 
 # Long enough for the verifier to read a multi-GiB blob once; the SDK waits as long.
@@ -161,27 +162,33 @@ class Uploads:
         log: CommandLog,
         watch: Watcher,
         barrier: ReadBarrier,
+        waits: WaitLimit,
     ) -> None:
         self.settings = settings
         self.index = index
         self.log = log
         self.watch = watch
         self.barrier = barrier
+        self.waits = waits
         self.locks = KeyedLocks()
         self.stalled_flushes = 0  # chunks sent early because their client went quiet
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
+        def waits(handler: errors.Handler) -> errors.Handler:
+            # Every route that sends a command waits for its outcome: each holds a wait slot.
+            return answering(waiting(self.waits, handler))
+
         start = router.add_resource("/v2/{name:.+}/blobs/uploads/", name="registry-upload-start")
-        start.add_route("POST", answering(self.start))
+        start.add_route("POST", waits(self.start))
         session = router.add_resource("/v2/{name:.+}/blobs/uploads/{uuid}", name="registry-upload")
         session.add_route("GET", answering(self.status))
-        session.add_route("PATCH", answering(self.patch))
-        session.add_route("PUT", answering(self.finish))
-        session.add_route("DELETE", answering(self.cancel))
+        session.add_route("PATCH", waits(self.patch))
+        session.add_route("PUT", waits(self.finish))
+        session.add_route("DELETE", waits(self.cancel))
         # Its own resource beside the read side's blob HEAD/GET: routing goes on to the next
         # resource of the same path when a method does not match.
         blob = router.add_resource("/v2/{name:.+}/blobs/{digest}", name="registry-blob")
-        blob.add_route("DELETE", answering(self.unlink))
+        blob.add_route("DELETE", waits(self.unlink))
 
     # POST /v2/<name>/blobs/uploads/[?digest=D | ?mount=D[&from=R]]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.core.settings import Settings
+from services.core.waits import WaitLimit
 from services.query.barrier import ReadBarrier
 from services.query.index import Index
 from services.registry.commandlog import CommandLog, Watcher
@@ -20,9 +21,10 @@ class WriteApi:
         log: CommandLog,
         watch: Watcher,
         barrier: ReadBarrier,
+        waits: WaitLimit,
     ) -> None:
-        self.uploads = Uploads(settings, index, log, watch, barrier)
-        self.manifests = Manifests(index, log, watch, barrier)
+        self.uploads = Uploads(settings, index, log, watch, barrier, waits)
+        self.manifests = Manifests(index, log, watch, barrier, waits)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         # Upload routes first: /blobs/uploads/... must not be taken for a blob digest.
