@@ -187,7 +187,10 @@ class ReadBarrier:
                 raise Behind(str(error)) from error
             except (KafkaError, OSError) as error:
                 if time.monotonic() > deadline:
-                    raise Behind(f"Kafka is not answering: {error!r}") from error
+                    # Behind's text reaches clients (503): the error's own, naming brokers and
+                    # addresses, stays in the log.
+                    log.warning("read barrier: Kafka is not answering: %r", error)
+                    raise Behind("Kafka is not answering") from error
                 log.debug("read barrier: %r; retrying", error)
                 await asyncio.sleep(0.1)
 

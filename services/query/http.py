@@ -26,11 +26,12 @@ from services.auth.http import Gate, caller_of
 from services.auth.scopes import Action
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.objectstore import ObjectNotFound, ObjectStore, is_transient
+from services.core.records import RejectReason
 from services.core.waits import RETRY_AFTER_SECONDS, WaitLimit, refusal_message
 from services.digests.digest import DigestError, TarSumVersionUnsupported, parse_digest
 from services.oci.errors import ErrorCode, error_body
 from services.query.barrier import Behind, ReadBarrier
-from services.query.index import Index, LayerRow, UploadRow, UploadStates
+from services.query.index import Index, LayerRow, RejectionRow, UploadRow, UploadStates
 from services.query.oci import OciReadApi
 from services.query.projection import Projection
 
@@ -395,7 +396,7 @@ class QueryApi:
                             "state": "rejected",
                             "command_type": rejection.command_type,
                             "reason": rejection.reason,
-                            "detail": rejection.detail,
+                            "detail": _client_detail(rejection),
                             "expected_offset": rejection.expected_offset,
                         }
                     )
@@ -453,6 +454,17 @@ def _layer_headers(layer: LayerRow) -> dict[str, str]:
         "Last-Modified": email.utils.formatdate(created, usegmt=True),
         "X-Layerlog-Created-At-Ms": str(layer.committed_at_ms),
     }
+
+
+def _client_detail(rejection: RejectionRow) -> str:
+    """What a client learns of a rejection. A HANDLER_ERROR's detail is the worker's account of
+    its own failure: for its log and the dead letters, never for a client, whoever wrote it."""
+    if rejection.reason == RejectReason.HANDLER_ERROR:
+        return (
+            f"the upload worker failed on this {rejection.command_type}; it logged the failure "
+            "and kept the command in its dead letters"
+        )
+    return rejection.detail
 
 
 def _upload_json(row: UploadRow) -> dict[str, object]:

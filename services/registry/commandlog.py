@@ -7,6 +7,7 @@ what became of them from the events its projection applies to this process's ind
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from services.query.barrier import Behind, ReadBarrier
 from services.query.projection import Projection
 from services.registry.errors import unavailable
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Bytes of chunks handed to the Kafka client and not yet acknowledged, per request: a streamed
@@ -133,7 +135,9 @@ class Sender:
         except KafkaError as error:
             self.log.budget.give(budgeted)
             await self.abandon()
-            raise unavailable(f"Kafka did not take the command: {error}") from None
+            # The client error's text names brokers and internals: the log has it, not the client.
+            log.warning("Kafka did not take a %s: %r", type(command).__name__, error)
+            raise unavailable("Kafka did not take the command; retry shortly") from None
         except BaseException:
             self.log.budget.give(budgeted)  # cancelled, say: no callback will give it back
             raise
@@ -159,7 +163,8 @@ class Sender:
                 await future
             except KafkaError as error:
                 await self.abandon()
-                raise unavailable(f"Kafka did not acknowledge the command: {error}") from None
+                log.warning("Kafka did not acknowledge a command: %r", error)
+                raise unavailable("Kafka did not acknowledge the command; retry shortly") from None
             self._in_flight.popleft()
             self._in_flight_bytes -= size
 
