@@ -149,7 +149,7 @@ class RateLimiter:
 
 
 class FailureLimiter:
-    """Counts failed logins per key in a sliding minute; past the limit the key must wait."""
+    """Counts failed logins per key in a sliding window; past the limit the key must wait."""
 
     def __init__(self, limit: int, window: float = FAILURE_WINDOW_SECONDS) -> None:
         self.limit = limit
@@ -161,7 +161,8 @@ class FailureLimiter:
         recent = self._recent(key, now)
         if recent is None or len(recent) < self.limit:
             return 0.0
-        return recent[0] + self.window - now
+        # Until fewer than `limit` remain: attempts checked together can fail past the limit.
+        return recent[len(recent) - self.limit] + self.window - now
 
     def failed(self, key: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -261,7 +262,9 @@ class Gate:
         self.logins = _Logins(htpasswd)
         self.verified: dict[str, Grant] = {}
         self.rates = RateLimiter(settings.auth_rate_limit)
-        self.failures = FailureLimiter(settings.auth_login_failures)
+        self.failures = FailureLimiter(
+            settings.auth_login_failures, settings.auth_login_window_seconds
+        )
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         if self.issuer is not None:

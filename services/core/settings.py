@@ -89,8 +89,10 @@ class Settings:
     # Requests per second per principal (a user, or an anonymous client's address), with
     # bursts of twice as many; over it, 429 with Retry-After.
     auth_rate_limit: int = 500
-    # Failed logins per user and per client address in a minute before /token answers 429.
+    # Failed logins per user and per client address within auth_login_window_seconds before
+    # /token answers 429, until the oldest of them is that old.
     auth_login_failures: int = 5
+    auth_login_window_seconds: int = 60
     # Requests waiting for a verdict or an outcome at once; past it, 429 with Retry-After.
     max_waiting_requests: int = 512
 
@@ -162,6 +164,7 @@ class Settings:
             "auth_token_ttl_seconds",
             "auth_rate_limit",
             "auth_login_failures",
+            "auth_login_window_seconds",
             "max_waiting_requests",
         ):
             if getattr(self, name) < 1:
