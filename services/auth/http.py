@@ -19,7 +19,8 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -181,6 +182,38 @@ class FailureLimiter:
         return recent
 
 
+class _OneAtATime:
+    """Login checks one at a time per key (a user, a client address). A check reads the failures
+    so far, and the bcrypt that may add one takes a quarter second: without this, guesses sent
+    all at once would all pass the check before the first of them had failed. A guess that
+    waits its turn behind a lock-out is refused at once, so a queue of them drains quickly."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, keys: tuple[str, ...]) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            # Callers always pass the keys in one order (user, then address): no deadlock.
+            for key in keys:
+                await stack.enter_async_context(self._one(key))
+            yield
+
+    @asynccontextmanager
+    async def _one(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class _Logins:
     """bcrypt once per minute per login, not once per token: a client fetching a token for each
     repository it touches would otherwise spend a quarter second of CPU on every request. The
@@ -265,6 +298,7 @@ class Gate:
         self.failures = FailureLimiter(
             settings.auth_login_failures, settings.auth_login_window_seconds
         )
+        self.login_turns = _OneAtATime()
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         if self.issuer is not None:
@@ -443,6 +477,12 @@ class Gate:
     async def _login(self, request: web.Request, user: str, password: str) -> str | web.Response:
         address = _client_address(request)
         keys = (f"user:{user[:128]}", f"ip:{address}")
+        async with self.login_turns.hold(keys):
+            return await self._login_turn(keys, address, user, password)
+
+    async def _login_turn(
+        self, keys: tuple[str, ...], address: str, user: str, password: str
+    ) -> str | web.Response:
         wait = max(self.failures.wait(key) for key in keys)
         if wait > 0:
             LOGIN_FAILURES.labels("rate_limited").inc()
