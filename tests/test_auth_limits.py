@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from base64 import b64encode
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +21,7 @@ import pytest
 from services.core.settings import Settings
 from tests.authfiles import USERS, with_auth
 from tests.conftest import ServiceProcess, registry_process, wait_for_query
+from tests.limit_checks import metric, too_many
 
 
 @asynccontextmanager
@@ -53,31 +53,6 @@ async def bearer(http: aiohttp.ClientSession, user: str) -> dict[str, str]:
     response = await token_of(http, user, USERS[user])
     assert response.status == 200, await response.text()
     return {"Authorization": f"Bearer {(await response.json())['token']}"}
-
-
-async def metric(http: aiohttp.ClientSession, name: str, **labels: str) -> float:
-    """The value of one sample on the registry's /metrics (0 if it is not there)."""
-    async with http.get("/metrics") as response:
-        text = await response.text()
-    for line in text.splitlines():
-        sample, _, value = line.rpartition(" ")
-        if sample.split("{")[0] != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', sample))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(value)
-    return 0.0
-
-
-async def assert_too_many(response: aiohttp.ClientResponse) -> int:
-    """The spec's 429: TOOMANYREQUESTS in its error body, and Retry-After; returns the latter."""
-    assert response.status == 429
-    body = await response.json()
-    assert body["errors"][0]["code"] == "TOOMANYREQUESTS"
-    assert body["errors"][0]["message"]
-    retry_after = int(response.headers["Retry-After"])
-    assert retry_after >= 1
-    return retry_after
 
 
 async def test_a_principal_past_its_rate_gets_429_and_others_are_served(settings, tmp_path_factory):
@@ -129,7 +104,7 @@ async def test_failed_logins_are_logged_counted_and_then_refused_until_the_windo
                 assert response.headers["WWW-Authenticate"].startswith("Basic ")
                 assert (await response.json())["errors"][0]["code"] == "UNAUTHORIZED"
             # The right password now: still refused, the user has had their tries.
-            retry_after = await assert_too_many(await token_of(http, "alice", USERS["alice"]))
+            retry_after, _ = await too_many(await token_of(http, "alice", USERS["alice"]))
             assert retry_after <= 4
             failures = "layerlog_auth_login_failures_total"
             assert await metric(http, failures, reason="bad_credentials") == 3
