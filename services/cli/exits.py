@@ -63,9 +63,10 @@ def _classify(error: Exception) -> tuple[int | None, str, str]:
 
     from services.audit.timetravel import UntilError
     from services.client import LayerError, LayerNameInvalid
+    from services.core.kafka import KafkaRefused
     from services.core.names import InvalidName
 
-    usage = (UsageError, LayerNameInvalid, InvalidName, UntilError, FileExistsError)
+    usage = (UsageError, LayerNameInvalid, InvalidName, UntilError, FileExistsError, KafkaRefused)
     if isinstance(error, usage):
         return EXIT_USAGE, type(error).__name__, str(error)
     if isinstance(error, LayerError):

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 import urllib3
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from services.client.bodies import REDIRECTS, Body, ServiceBody, Unavailable, open_storage
 from services.client.errors import (
@@ -24,7 +24,9 @@ from services.client.errors import (
 )
 from services.core import kafka
 from services.core.codec import CODEC
+from services.core.login import login_problem
 from services.core.names import InvalidName, check_repository
+from services.core.principals import Principal
 from services.core.records import AppendChunk, CancelUpload, Command, FinishUpload, StartUpload
 from services.core.settings import MIB, Settings
 
@@ -55,7 +57,7 @@ class LayerService:
         self.finish_timeout = finish_timeout
         # Batches of up to 1 MiB: a small layer's last chunk and its FinishUpload then travel in
         # one batch, which the worker sees in one fetch and commits in one transaction.
-        self._producer = kafka.producer(self.settings, max_batch_size=MIB)
+        self._producer = kafka.producer(self.settings, Principal.CLIENT, max_batch_size=MIB)
         self._http: aiohttp.ClientSession | None = None
         # For layer bytes a redirect sends straight to S3 (see bodies.py).
         self.storage = urllib3.PoolManager(
@@ -70,7 +72,14 @@ class LayerService:
         await self.close()
 
     async def start(self) -> None:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except KafkaConnectionError:
+            # aiokafka says only that it could not connect; a refused login deserves its reason.
+            problem = await login_problem(self.settings, Principal.CLIENT)
+            if problem is not None:
+                raise problem from None
+            raise
         self._http = aiohttp.ClientSession(
             base_url=self.settings.query_url,
             timeout=aiohttp.ClientTimeout(total=None, connect=10),

@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from services.core.objectstore import ObjectStore
+from services.core.principals import Principal
 from services.core.settings import Settings
 from services.query.barrier import ReadBarrier
 from services.query.http import QueryApi
@@ -25,8 +26,8 @@ async def run(
     read_only: bool = False,
 ) -> None:
     index = Index(index_path or settings.index_path, read_only=read_only)
-    projection = None if read_only else Projection(settings, index)
-    barrier = None if projection is None else ReadBarrier(settings, projection)
+    projection = None if read_only else Projection(settings, index, Principal.QUERY)
+    barrier = None if projection is None else ReadBarrier(settings, projection, Principal.QUERY)
     api = QueryApi(
         index,
         ObjectStore(settings),

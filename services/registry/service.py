@@ -14,6 +14,7 @@ import logging
 from aiohttp import web
 
 from services.core.objectstore import ObjectStore
+from services.core.principals import Principal
 from services.core.processor import start_with_retry
 from services.core.settings import Settings
 from services.query.barrier import ReadBarrier
@@ -44,10 +45,10 @@ def build_app(
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     index = Index(settings.registry_index_path)
-    projection = Projection(settings, index)
+    projection = Projection(settings, index, Principal.REGISTRY)
     commands = CommandLog(settings)
     await start_with_retry(commands.start, "registry producer")
-    barrier = ReadBarrier(settings, projection)
+    barrier = ReadBarrier(settings, projection, Principal.REGISTRY)
     app = build_app(settings, index, projection, commands, barrier)
     # As the query service: long request lines reach the handlers, which answer them with the
     # spec's JSON errors, rather than the HTTP parser's plain-text refusal.
