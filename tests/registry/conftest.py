@@ -17,9 +17,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
-from services.core.provision import provision
+from services.core.provision import provision, remove_topics
 from services.core.settings import Settings
 from tests.conftest import ServiceProcess, free_port, registry_process, wait_for_query
 from tests.registry.clients import Clients
@@ -85,12 +84,7 @@ async def registry_settings(
     own = replace(settings, bucket=f"layerlog-{run}", **query, **topics)
     await provision(own, timeout=30)
     yield own
-    admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics(list(topics.values()))
-    finally:
-        await admin.close()
+    await remove_topics(own)
 
 
 @pytest.fixture(scope="session")
