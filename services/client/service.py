@@ -165,12 +165,21 @@ class LayerService:
         pending, attempt = commands, 0
         while pending:
             deliveries: list[asyncio.Future[Any]] = []
+            errors: list[BaseException] = []
             try:
                 for command in pending:
                     deliveries.append(await self._send(command))
-            except KafkaError:
-                pass  # the futures gathered so far say how far it got
+            except KafkaError as error:
+                errors.append(error)  # the futures gathered so far say how far it got
             results = await asyncio.gather(*deliveries, return_exceptions=True)
+            refusal = next((e for e in [*errors, *results] if kafka.refused(e)), None)
+            if refusal is not None:
+                # No ACL lets this principal write there (or its login stopped working):
+                # retrying until the deadline would only hide that.
+                raise kafka.KafkaRefused(
+                    f"Kafka refused the upload's commands on {self.settings.commands_topic}: "
+                    f"{refusal!r}; check the client principal's ACLs (`layerlog provision`)"
+                )
             failed = next(
                 (i for i, r in enumerate(results) if isinstance(r, BaseException)), len(results)
             )

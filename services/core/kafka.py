@@ -167,9 +167,14 @@ def admin(settings: Settings, principal: Principal, **overrides: object) -> AIOK
 
 async def describe_partitions(client: AIOKafkaAdminClient, topic: str) -> list[int]:
     """The topic's partition numbers, from a fresh metadata request; LookupError if the topic
-    does not exist (or has no partitions yet)."""
+    does not exist (or has no partitions yet), TopicAuthorizationFailedError if the principal
+    may not see it (Kafka does not say whether it exists then)."""
     for described in await client.describe_topics([topic]):
-        if described["topic"] == topic and described["error_code"] == 0:
+        if described["topic"] != topic:
+            continue
+        if described["error_code"] == TopicAuthorizationFailedError.errno:
+            raise TopicAuthorizationFailedError(topic)
+        if described["error_code"] == 0:
             found = sorted(p["partition"] for p in described["partitions"])
             if found:
                 return found

@@ -215,7 +215,7 @@ class Settings:
         as it starts, with the file and the variable to set named."""
         if self.kafka_security_protocol == "PLAINTEXT":
             return None
-        user = self.kafka_sasl_user or principal
+        user = self.kafka_sasl_user or str(principal)
         if self.kafka_sasl_password_file:
             variable, path = "LAYERLOG_KAFKA_SASL_PASSWORD_FILE", self.kafka_sasl_password_file
             hint = "set it to a readable file"
