@@ -21,7 +21,8 @@ exit status:
   0    success
   1    the answer is no (exists: not there; history: nothing found) or the operation failed
        (the layer did not verify, is unknown, the upload was cancelled)
-  2    bad usage or input: arguments, a LAYERLOG_* setting, a file that cannot be read/written
+  2    bad usage or input: arguments, a LAYERLOG_* setting, a file that cannot be read/written,
+       Kafka refusing the login (a wrong password) or what it asked (no ACL allows it)
   3    Kafka, S3 or the query service cannot be reached (or a topic does not exist)
   130  interrupted (Ctrl-C)"""
 
