@@ -33,6 +33,7 @@ from bench.stats import Figure, Target, median
 from services.core import kafka
 from services.core.codec import CODEC
 from services.core.eventlog import partition_for
+from services.core.principals import Principal
 from services.core.records import ChunkAppended, LayerCommitted, UploadFinished, UploadStarted
 from services.core.settings import Settings
 
@@ -135,7 +136,7 @@ class SyntheticLog:
     async def produce(self, settings: Settings) -> float:
         """Writes every event to settings.events_topic; returns the seconds it took."""
         producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            **kafka.connection(settings, Principal.ADMIN),
             acks=1,
             linger_ms=20,
             max_batch_size=512 * 1024,
@@ -171,7 +172,7 @@ class SyntheticLog:
 
 async def raw_consume(settings: Settings, total: int) -> float:
     """Events/s of a bare consumer (the projection's consumer settings) reading `total` events."""
-    consumer = kafka.consumer(settings, [], None, max_poll_records=5000)
+    consumer = kafka.consumer(settings, Principal.AUDITOR, [], None, max_poll_records=5000)
     await consumer.start()
     try:
         # The topic was created with settings.partitions; metadata may not have arrived yet.

@@ -20,6 +20,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from bench.stack import Pipeline, new_tag, run_settings
 from services.core.codec import CODEC
 from services.core.eventlog import partition_for
+from services.core.kafka import connection
+from services.core.principals import Principal
 from services.core.records import ManifestStored, PutManifest, TagMoved
 from services.oci.manifest import OCI_MANIFEST
 from tests.repository_log import image_manifest, sha256
@@ -31,9 +33,9 @@ async def measure(count: int) -> list[float]:
     with tempfile.TemporaryDirectory() as work:
         settings = run_settings(Path(work), new_tag())
         pipeline = await Pipeline(settings, Path(work), services=("upload-worker",)).start()
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+        producer = AIOKafkaProducer(**connection(settings, Principal.CLIENT), acks="all")
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            **connection(settings, Principal.AUDITOR),
             isolation_level="read_committed",
             enable_auto_commit=False,
         )

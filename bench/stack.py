@@ -20,10 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
-from aiokafka.admin import AIOKafkaAdminClient
 
 from services.core.objectstore import ObjectStore
-from services.core.provision import provision
+from services.core.provision import provision, remove_topics
 from services.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,16 +244,7 @@ class Pipeline:
 
 
 async def delete_topics(settings: Settings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        names = [settings.commands_topic, settings.events_topic, settings.dead_letter_topic]
-        doomed = [name for name in names if name in existing]
-        if doomed:
-            await admin.delete_topics(doomed)
-    finally:
-        await admin.close()
+    await remove_topics(settings)
 
 
 async def delete_bucket(settings: Settings) -> None:

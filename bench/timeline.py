@@ -20,6 +20,7 @@ from bench.stack import OUT, Pipeline, delete_bucket, delete_topics, new_tag, ru
 from services.client import LayerService
 from services.core import kafka
 from services.core.codec import CODEC
+from services.core.principals import Principal
 from services.core.settings import Settings
 
 STAGES = ("AppendChunk", "FinishUpload", "ChunkAppended", "UploadFinished", "LayerCommitted")
@@ -41,7 +42,9 @@ async def push(settings: Settings, uploads: int, size: int) -> list[tuple[str, f
 
 async def stamps(settings: Settings) -> dict[tuple[str, str], float]:
     """(upload id, record type) -> the record's Kafka timestamp in seconds."""
-    consumer = kafka.consumer(settings, [settings.commands_topic, settings.events_topic], None)
+    consumer = kafka.consumer(
+        settings, Principal.AUDITOR, [settings.commands_topic, settings.events_topic], None
+    )
     await consumer.start()
     found: dict[tuple[str, str], float] = {}
     try:

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
 from services.core.objectstore import ObjectStore
-from services.core.provision import provision
+from services.core.provision import provision, remove_topics
 from services.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,14 +77,7 @@ async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Se
     except RuntimeError as error:
         pytest.exit(f"the stack is not up ({error}); run the tests with `make test`", returncode=3)
     yield settings
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics(
-            [settings.commands_topic, settings.events_topic, settings.dead_letter_topic]
-        )
-    finally:
-        await admin.close()
+    await remove_topics(settings)
 
 
 @pytest.fixture(scope="session")
@@ -102,12 +94,7 @@ async def own_topics(settings: Settings, label: str) -> AsyncIterator[Settings]:
     try:
         yield own
     finally:
-        admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
-        await admin.start()
-        try:
-            await admin.delete_topics([own.commands_topic, own.events_topic, own.dead_letter_topic])
-        finally:
-            await admin.close()
+        await remove_topics(own)
 
 
 class ServiceProcess:

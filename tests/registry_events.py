@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from services.core import kafka
 from services.core.codec import CODEC
+from services.core.principals import Principal
 from services.core.records import (
     ManifestDeleted,
     ManifestStored,
@@ -79,7 +80,7 @@ class EventWriter:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.producer = kafka.producer(settings)
+        self.producer = kafka.producer(settings, Principal.ADMIN)
 
     async def __aenter__(self) -> EventWriter:
         await self.producer.start()

@@ -13,6 +13,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.core.codec import CODEC
 from services.core.eventlog import LoggedRecord, partition_for
+from services.core.kafka import connection
+from services.core.principals import Principal
 from services.core.records import PutManifest, RepositoryCommand, RepositoryEvent
 from services.core.settings import Settings
 from services.oci.manifest import OCI_INDEX, OCI_MANIFEST
@@ -77,7 +79,7 @@ async def produce(
     settings: Settings, commands: Iterable[RepositoryCommand], key: bytes | None = None
 ) -> None:
     """Each command keyed by its repository (or by key), in order."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(**connection(settings, Principal.CLIENT), acks="all")
     await producer.start()
     try:
         for command in commands:
@@ -99,7 +101,7 @@ class RepositoryLog:
         self.repositories = {name.encode() for name in repositories}
         self.events: list[LoggedRecord] = []
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            **connection(settings, Principal.AUDITOR),
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest",

@@ -17,6 +17,8 @@ from services.audit.verify import verify_log
 from services.client import LayerService
 from services.core.codec import CODEC, event_hash
 from services.core.eventlog import upload_records
+from services.core.kafka import connection
+from services.core.principals import Principal
 from services.core.records import ChunkAppended, LayerCommitted, UploadFinished, UploadStarted
 from tests.conftest import settings_env
 
@@ -54,7 +56,8 @@ async def test_an_injected_event_breaks_the_chain(settings):
     logged = await upload_records(settings, settings.events_topic, upload_id)
     finished = next(e for e in logged if isinstance(e.record, UploadFinished))
     forged = replace(finished.record, size=1, staged_size=1, event_id="forged")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    # Only the admin (or the upload worker) may write events: the forger holds its password.
+    producer = AIOKafkaProducer(**connection(settings, Principal.ADMIN))
     await producer.start()
     try:
         sent = await producer.send_and_wait(

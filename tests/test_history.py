@@ -16,6 +16,8 @@ from services.audit import history
 from services.audit.history import CommandStatus
 from services.client import LayerInvalidDigest, LayerService
 from services.core.codec import CODEC
+from services.core.kafka import connection
+from services.core.principals import Principal
 from services.core.records import StartUpload, UploadStarted, derived_id
 from tests.conftest import run_cli
 
@@ -121,7 +123,7 @@ async def test_a_command_outside_the_time_window_is_still_found(settings):
     outside that window (a client clock ahead of the broker's) is found by reading the rest."""
     upload_id = str(uuid.uuid4())
     command = StartUpload(upload_id=upload_id, repository="history/skewed")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(**connection(settings, Principal.CLIENT), acks="all")
     await producer.start()
     try:
         ahead = int(time.time() * 1000) + 10 * 60 * 1000  # past WINDOW_MARGIN_MS
@@ -153,7 +155,7 @@ async def test_a_command_no_longer_kept_is_reported_gone(settings, cli_env, caps
         caused_by=str(uuid.uuid4()),
         staging_key=f"uploads/{upload_id}/data",
     )
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(**connection(settings, Principal.ADMIN), acks="all")
     await producer.start()
     try:
         await producer.send_and_wait(

@@ -14,6 +14,8 @@ from aiokafka import AIOKafkaProducer
 from services.client import LayerService
 from services.core.codec import CODEC, HEADER_SIZE
 from services.core.eventlog import read_partition, upload_records
+from services.core.kafka import connection
+from services.core.principals import Principal
 from services.core.records import (
     AppendChunk,
     CancelUpload,
@@ -29,9 +31,8 @@ pytestmark = pytest.mark.usefixtures("stack_services")
 
 @pytest.fixture()
 async def producer(settings):
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, max_request_size=70 << 20
-    )
+    # A hostile client: what it may write is commands, and it writes anything there.
+    producer = AIOKafkaProducer(**connection(settings, Principal.CLIENT), max_request_size=70 << 20)
     await producer.start()
     yield producer
     await producer.stop()

@@ -22,14 +22,15 @@ from dataclasses import replace
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.client import LayerInvalidDigest, LayerService
 from services.core import metrics
 from services.core.codec import CODEC
-from services.core.provision import provision
+from services.core.kafka import connection
+from services.core.principals import Principal
+from services.core.provision import provision, remove_topics
 from services.core.records import AppendChunk
 from services.core.settings import Settings
 from tests.conftest import ROOT, ServiceProcess, free_port, run_topics, wait_for_query
@@ -74,12 +75,7 @@ async def pipeline(settings: Settings, tmp_path_factory) -> AsyncIterator[dict[s
     finally:
         for service in services:
             service.stop()
-        admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
-        await admin.start()
-        try:
-            await admin.delete_topics([own.commands_topic, own.events_topic, own.dead_letter_topic])
-        finally:
-            await admin.close()
+        await remove_topics(own)
 
 
 async def scrape_or_none(url: str) -> Samples | None:
@@ -145,7 +141,7 @@ async def test_counters_move_after_pushes_failures_and_reads(pipeline):
         assert await layer.read() == good
         await layer.close()
     # A chunk for an upload that never started (rejected) and bytes that are no command at all.
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    producer = AIOKafkaProducer(**connection(settings, Principal.CLIENT), acks="all")
     await producer.start()
     try:
         stray = str(uuid.uuid4())

@@ -12,6 +12,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.client import LayerService
+from services.core.kafka import connection
+from services.core.principals import Principal
 from tests.conftest import ServiceProcess, wait_for_query
 
 pytestmark = pytest.mark.usefixtures("stack_services")
@@ -62,7 +64,7 @@ async def test_two_workers_share_the_partitions(settings, stack_services, tmp_pa
 
 
 async def events_in_log(settings) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(**connection(settings, Principal.AUDITOR))
     await consumer.start()
     try:
         partitions = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]

@@ -14,6 +14,8 @@ from aiokafka import AIOKafkaProducer
 from services.audit.verify import verify_log
 from services.client import LayerService
 from services.core.codec import CODEC, event_hash
+from services.core.kafka import connection
+from services.core.principals import Principal
 from services.core.records import BlobLinked, DeleteTag, ManifestStored, MountBlob, TagMoved
 from services.oci.manifest import OCI_MANIFEST
 from tests.conftest import settings_env
@@ -43,7 +45,7 @@ async def history(settings, repo: str, *, seed: str) -> RepositoryLog:
 
 async def inject(settings, repo: str, *events: object) -> list[int]:
     """Writes events out of band (no transaction, no worker); returns their offsets."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    producer = AIOKafkaProducer(**connection(settings, Principal.ADMIN))
     await producer.start()
     try:
         sent = [

@@ -25,7 +25,9 @@ from services.audit.logread import LogReader
 from services.client import LayerService
 from services.core.codec import CODEC, event_hash
 from services.core.eventlog import upload_records
+from services.core.kafka import connection
 from services.core.layout import blob_pointer_key, manifest_key, repository_state_key
+from services.core.principals import Principal
 from services.core.records import (
     BlobMounted,
     BlobUnlinked,
@@ -366,7 +368,7 @@ async def test_the_verifier_and_the_query_projection_pass_repository_events(sett
         last = log.raw()[-1]
     tp = TopicPartition(settings.events_topic, last.partition)
     # The verifier's group and the query service's index both move past them.
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**connection(settings, Principal.ADMIN))
     await admin.start()
     try:
         deadline = time.monotonic() + 60

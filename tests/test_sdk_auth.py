@@ -35,6 +35,7 @@ from services.client.credentials import find_credentials, registry_host
 from services.core.eventlog import read_partition, upload_records
 from services.core.kafka import topic_partitions
 from services.core.objectstore import ObjectStore
+from services.core.principals import Principal
 from services.core.records import Command, CommandRejected, RejectReason
 from services.core.settings import Settings
 from tests.authfiles import USERS, with_auth
@@ -166,7 +167,7 @@ async def assert_done_by(stack: Settings, upload_id: str, subject: str) -> list[
 async def commands_naming(stack: Settings, repository: str) -> list[Command]:
     """Every command on the commands topic for the repository (none should be, when refused)."""
     found = []
-    for partition in await topic_partitions(stack, stack.commands_topic):
+    for partition in await topic_partitions(stack, Principal.AUDITOR, stack.commands_topic):
         async for logged in read_partition(stack, stack.commands_topic, partition):
             if getattr(logged.record, "repository", None) == repository:
                 found.append(logged.record)

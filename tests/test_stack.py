@@ -13,8 +13,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from services.core.codec import CODEC
-from services.core.kafka import MAX_RECORD_BYTES, ensure_topics
+from services.core.kafka import MAX_RECORD_BYTES, connection, ensure_topics
 from services.core.objectstore import ObjectNotFound, ObjectStore
+from services.core.principals import Principal
 from services.core.records import StartUpload
 from services.core.settings import S3_MIN_PART_SIZE, Settings
 
@@ -22,7 +23,7 @@ from services.core.settings import S3_MIN_PART_SIZE, Settings
 @pytest.fixture()
 async def fresh_topic(settings: Settings):
     name = f"test-stack-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**connection(settings, Principal.ADMIN))
     await admin.start()
     await admin.create_topics([NewTopic(name, 1, 1)])
     yield name
@@ -32,7 +33,7 @@ async def fresh_topic(settings: Settings):
 
 async def read_all(settings: Settings, topic: str, isolation: str) -> list[bytes]:
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **connection(settings, Principal.ADMIN),
         isolation_level=isolation,
         enable_auto_commit=False,
     )
@@ -56,7 +57,7 @@ async def read_all(settings: Settings, topic: str, isolation: str) -> list[bytes
 async def test_idempotent_producer_round_trips_an_avro_record(settings, fresh_topic):
     command = StartUpload(upload_id=str(uuid.uuid4()), repository="library/ubuntu")
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all"
+        **connection(settings, Principal.ADMIN), enable_idempotence=True, acks="all"
     )
     await producer.start()
     try:
@@ -74,7 +75,7 @@ async def test_idempotent_producer_round_trips_an_avro_record(settings, fresh_to
 
 async def test_transactions_commit_visible_abort_invisible(settings, fresh_topic):
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, transactional_id=f"test-{fresh_topic}"
+        **connection(settings, Principal.ADMIN), transactional_id=f"test-{fresh_topic}"
     )
     await producer.start()
     try:
@@ -145,7 +146,7 @@ async def test_provision_raises_an_old_events_topic_s_record_limit(settings: Set
         events_topic=f"test-old-{run}.events",
         dead_letter_topic=f"test-old-{run}.dead-letter",
     )
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**connection(settings, Principal.ADMIN))
     await admin.start()
     try:
         await admin.create_topics(

@@ -25,6 +25,8 @@ from aiokafka import AIOKafkaProducer
 
 from services.core.codec import CODEC, event_hash
 from services.core.eventlog import LoggedRecord, upload_records
+from services.core.kafka import connection
+from services.core.principals import Principal
 from services.core.records import (
     UPLOAD_WORKER,
     AppendChunk,
@@ -63,7 +65,8 @@ def unique(name: str) -> str:
 
 @pytest.fixture()
 async def producer(settings) -> AsyncIterator[AIOKafkaProducer]:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    # Commands straight onto the log, as a client may put them there.
+    producer = AIOKafkaProducer(**connection(settings, Principal.CLIENT), acks="all")
     await producer.start()
     yield producer
     await producer.stop()

@@ -16,7 +16,8 @@ from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from services.core.kafka import MAX_RECORD_BYTES, topic_partitions
+from services.core.kafka import MAX_RECORD_BYTES, connection, topic_partitions
+from services.core.principals import Principal
 from services.core.settings import Settings
 
 # Raised when a range cannot be read to its end (a transaction stays open longer than this).
@@ -49,7 +50,8 @@ class LogReader:
         self.settings = settings
         self.topic = topic
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+            # The audit tools' reader: read-only on every topic.
+            **connection(settings, Principal.AUDITOR),
             enable_auto_commit=False,
             # Only what committed transactions wrote: the log as the services' readers see it.
             isolation_level="read_committed",
@@ -74,7 +76,7 @@ class LogReader:
         await self.consumer.stop()
 
     async def partitions(self) -> list[int]:
-        return await topic_partitions(self.settings, self.topic)
+        return await topic_partitions(self.settings, Principal.AUDITOR, self.topic)
 
     async def bounds(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
         """Per partition, (first offset still kept, end offset of committed records)."""

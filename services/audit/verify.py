@@ -23,6 +23,7 @@ from services.core import kafka
 from services.core.codec import event_hash
 from services.core.eventlog import read_partition
 from services.core.objectstore import ObjectNotFound, ObjectStore
+from services.core.principals import Principal
 from services.core.records import (
     BlobLinked,
     BlobMounted,
@@ -274,7 +275,7 @@ async def _digests(store: ObjectStore, key: str, algorithm: str) -> dict[str, st
 
 
 async def _partitions(settings: Settings) -> list[int]:
-    return await kafka.topic_partitions(settings, settings.events_topic)
+    return await kafka.topic_partitions(settings, Principal.AUDITOR, settings.events_topic)
 
 
 async def run_verify(

@@ -23,7 +23,8 @@ exit status:
        (the layer did not verify, is unknown, the upload was cancelled, or the policy does
        not let the user do it: LayerAccessDenied)
   2    bad usage or input: arguments, a LAYERLOG_* setting, a file that cannot be read/written,
-       a login the registry refuses (wrong user name or password: LayerLoginFailed)
+       a login the registry refuses (wrong user name or password: LayerLoginFailed), Kafka
+       refusing the login (a wrong password) or what it asked (no ACL allows it)
   3    Kafka, S3, the query service or the registry's token endpoint cannot be reached
        (or a topic does not exist)
   130  interrupted (Ctrl-C)"""
@@ -67,6 +68,7 @@ def _classify(error: Exception) -> tuple[int | None, str, str]:
     from services.audit.timetravel import UntilError
     from services.client import LayerError, LayerLoginFailed, LayerNameInvalid
     from services.client.tokens import TokenServerUnavailable
+    from services.core.kafka import KafkaRefused
     from services.core.names import InvalidName
 
     # A refused login is bad input (the credentials given); a refused action is an answer (1).
@@ -77,6 +79,7 @@ def _classify(error: Exception) -> tuple[int | None, str, str]:
         InvalidName,
         UntilError,
         FileExistsError,
+        KafkaRefused,
     )
     if isinstance(error, usage):
         return EXIT_USAGE, type(error).__name__, str(error)

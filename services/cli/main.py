@@ -10,6 +10,7 @@ from services.cli.exits import EXIT_INTERRUPTED, EXIT_USAGE
 from services.cli.parser import build_parser
 from services.cli.run import run_service
 from services.core import logs
+from services.core.kafka import KafkaRefused
 from services.core.settings import LOG_LEVELS, Settings, SettingsError
 
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _configure_logging(args)
         return int(args.handler(args) or 0)
-    except SettingsError as error:
+    except (SettingsError, KafkaRefused) as error:
         print(f"layerlog: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

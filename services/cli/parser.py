@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="JSON lines: each break, a summary")
     verify.set_defaults(handler=client_command(commands.audit_verify))
 
-    provision = command("provision", "create the topics and bucket (idempotent)")
+    provision = command(
+        "provision", "create the topics, their Kafka ACLs and the bucket (idempotent)"
+    )
     provision.set_defaults(
         handler=lambda _: __import__("services.core.provision").core.provision.main()
     )

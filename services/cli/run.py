@@ -15,9 +15,17 @@ from pathlib import Path
 from services.auth.errors import AuthSetupError
 from services.cli import auth as auth_cli
 from services.cli.exits import EXIT_NO, EXIT_OK, EXIT_USAGE
+from services.core.principals import Principal
 from services.core.settings import Settings
 
 SERVICES = ("upload-worker", "verifier", "query", "registry")
+# Each service logs in to Kafka as a principal of its own (services/core/access.py).
+PRINCIPALS = {
+    "upload-worker": Principal.UPLOAD_WORKER,
+    "verifier": Principal.VERIFIER,
+    "query": Principal.QUERY,
+    "registry": Principal.REGISTRY,
+}
 
 
 def run_service(args: argparse.Namespace) -> int:
@@ -31,7 +39,18 @@ def run_service(args: argparse.Namespace) -> int:
             print(f"layerlog: {problem}", file=sys.stderr)
             return EXIT_USAGE
 
+    principal = PRINCIPALS[args.service]
+    uses_kafka = not (args.service == "query" and args.read_only)  # a replayed index does not
+    if uses_kafka:
+        settings.kafka_login(principal)  # a missing password file stops it here (exit status 2)
+
     async def serve(stop: asyncio.Event) -> None:
+        from services.core.login import login_problem
+
+        # A refused login is worth no retry; Kafka not answering yet is, so that goes on.
+        problem = await login_problem(settings, principal) if uses_kafka else None
+        if problem is not None:
+            raise problem
         if args.service == "upload-worker":
             from services.upload_worker import service
 
@@ -68,6 +87,8 @@ async def _until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) ->
 def run_all(args: argparse.Namespace) -> int:
     """Starts each service as its own process; Ctrl-C (or one of them dying) stops them all."""
     settings = Settings.from_env()  # a bad setting should fail here, once, not once per service
+    for principal in PRINCIPALS.values():
+        settings.kafka_login(principal)
     env = dict(os.environ)
     if settings.auth:
         # Absolute, as the index paths: every service reads the same files wherever it runs.

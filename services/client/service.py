@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import urllib3
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from services.auth.scopes import Action
 from services.client.bodies import REDIRECTS, Body, ServiceBody, Unavailable, open_storage
@@ -32,7 +32,9 @@ from services.client.errors import (
 from services.client.tokens import RepositoryToken, Tokens
 from services.core import kafka
 from services.core.codec import CODEC
+from services.core.login import login_problem
 from services.core.names import InvalidName, check_repository
+from services.core.principals import Principal
 from services.core.records import AppendChunk, CancelUpload, Command, FinishUpload, StartUpload
 from services.core.settings import MIB, Settings
 
@@ -63,7 +65,7 @@ class LayerService:
         self.finish_timeout = finish_timeout
         # Batches of up to 1 MiB: a small layer's last chunk and its FinishUpload then travel in
         # one batch, which the worker sees in one fetch and commits in one transaction.
-        self._producer = kafka.producer(self.settings, max_batch_size=MIB)
+        self._producer = kafka.producer(self.settings, Principal.CLIENT, max_batch_size=MIB)
         self._http: aiohttp.ClientSession | None = None
         # With logins on (LAYERLOG_AUTH), tokens from the registry's token endpoint: every
         # command carries one, every query request sends one (see tokens.py).
@@ -82,7 +84,14 @@ class LayerService:
         await self.close()
 
     async def start(self) -> None:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except KafkaConnectionError:
+            # aiokafka says only that it could not connect; a refused login deserves its reason.
+            problem = await login_problem(self.settings, Principal.CLIENT)
+            if problem is not None:
+                raise problem from None
+            raise
         self._http = aiohttp.ClientSession(
             base_url=self.settings.query_url,
             timeout=aiohttp.ClientTimeout(total=None, connect=10),
@@ -272,12 +281,21 @@ class LayerService:
         pending, attempt = commands, 0
         while pending:
             deliveries: list[asyncio.Future[Any]] = []
+            errors: list[BaseException] = []
             try:
                 for command in pending:
                     deliveries.append(await self._send(command))
-            except KafkaError:
-                pass  # the futures gathered so far say how far it got
+            except KafkaError as error:
+                errors.append(error)  # the futures gathered so far say how far it got
             results = await asyncio.gather(*deliveries, return_exceptions=True)
+            refusal = next((e for e in [*errors, *results] if kafka.refused(e)), None)
+            if refusal is not None:
+                # No ACL lets this principal write there (or its login stopped working):
+                # retrying until the deadline would only hide that.
+                raise kafka.KafkaRefused(
+                    f"Kafka refused the upload's commands on {self.settings.commands_topic}: "
+                    f"{refusal!r}; check the client principal's ACLs (`layerlog provision`)"
+                )
             failed = next(
                 (i for i, r in enumerate(results) if isinstance(r, BaseException)), len(results)
             )

@@ -10,7 +10,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from services.core.codec import CODEC, DecodeError
-from services.core.kafka import topic_partitions
+from services.core.kafka import connection, topic_partitions
+from services.core.principals import Principal
 from services.core.settings import Settings
 
 _PARTITIONER = DefaultPartitioner()
@@ -38,7 +39,8 @@ async def read_partition(
     """Every committed record of one partition from start up to (not including) end or the
     end of the log as it was when reading began."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        # Reading the log back is auditing it: as the read-only auditor.
+        **connection(settings, Principal.AUDITOR),
         enable_auto_commit=False,
         isolation_level="read_committed",
         max_partition_fetch_bytes=70 << 20,
@@ -72,7 +74,7 @@ async def read_partition(
 
 async def upload_records(settings: Settings, topic: str, upload_id: str) -> list[LoggedRecord]:
     """The records of one upload in one topic, in log order."""
-    partitions = await topic_partitions(settings, topic)
+    partitions = await topic_partitions(settings, Principal.AUDITOR, topic)
     partition = partition_for(upload_id, len(partitions))
     return [
         logged

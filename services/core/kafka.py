@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    IllegalSaslStateError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnsupportedSaslMechanismError,
+)
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from services.core.settings import MAX_CHUNK_CEILING, MIB, Settings
+from services.core.principals import Principal
+from services.core.settings import MAX_CHUNK_CEILING, MIB, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +35,61 @@ log = logging.getLogger(__name__)
 MAX_RECORD_BYTES = MAX_CHUNK_CEILING + MIB
 COMMAND_RETENTION_MS = 7 * 24 * 3600 * 1000
 
+# Kafka said no to who we are or to what we asked: retrying changes nothing.
+REFUSALS = (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+    IllegalSaslStateError,
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 
-def producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
-    """An idempotent producer: a retried send never writes a record twice."""
+
+class KafkaRefused(Exception):
+    """Kafka refused a principal: wrong credentials, or no ACL allows what it asked. Retrying
+    changes neither, so services stop with this rather than retry."""
+
+
+def refused(error: BaseException) -> bool:
+    return isinstance(error, REFUSALS)
+
+
+def connection(settings: Settings, principal: Principal) -> dict[str, object]:
+    """Where Kafka is and how `principal` logs in: the options every aiokafka client takes.
+
+    Raises SettingsError when the principal's password (or the CA file) cannot be read."""
     options: dict[str, object] = {
         "bootstrap_servers": settings.kafka_bootstrap,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    login = settings.kafka_login(principal)
+    if login is not None:
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = login.user
+        options["sasl_plain_password"] = login.password
+    if settings.kafka_security_protocol == "SASL_SSL":
+        options["ssl_context"] = _tls_context(settings.kafka_ca_file)
+    return options
+
+
+def _tls_context(ca_file: str) -> ssl.SSLContext:
+    """Verifies the broker's certificate and host name, against ca_file or the system's CAs."""
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (ssl.SSLError, OSError) as error:
+        raise SettingsError(
+            f"LAYERLOG_KAFKA_CA_FILE: {ca_file} holds no usable CA certificate ({error})"
+        ) from None
+
+
+def producer(settings: Settings, principal: Principal, **overrides: object) -> AIOKafkaProducer:
+    """An idempotent producer: a retried send never writes a record twice."""
+    options: dict[str, object] = {
+        **connection(settings, principal),
         "enable_idempotence": True,
         "acks": "all",
         "max_request_size": MAX_RECORD_BYTES,
@@ -41,11 +105,15 @@ def producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
 
 
 def consumer(
-    settings: Settings, topics: Sequence[str], group_id: str | None, **overrides: object
+    settings: Settings,
+    principal: Principal,
+    topics: Sequence[str],
+    group_id: str | None,
+    **overrides: object,
 ) -> AIOKafkaConsumer:
     """A read_committed consumer that commits offsets only when the service says so."""
     options: dict[str, object] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **connection(settings, principal),
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
@@ -73,9 +141,24 @@ def upload_worker_group(settings: Settings) -> str:
     return f"layerlog-upload-worker.{settings.commands_topic}"
 
 
-def admin(settings: Settings, **overrides: object) -> AIOKafkaAdminClient:
+def verifier_group(settings: Settings) -> str:
+    # Named after the topic too, for the same reason as the upload worker's group.
+    return f"layerlog-verifier.{settings.events_topic}"
+
+
+def transactional_id_prefix(service: str, input_topic: str) -> str:
+    """What every transactional id of `service` reading `input_topic` starts with (its ACL)."""
+    return f"layerlog-{service}-{input_topic}-"
+
+
+def transactional_id(service: str, input_topic: str, partition: int) -> str:
+    """One per input partition: a replica that takes a partition over fences the last owner."""
+    return f"{transactional_id_prefix(service, input_topic)}{partition}"
+
+
+def admin(settings: Settings, principal: Principal, **overrides: object) -> AIOKafkaAdminClient:
     options: dict[str, object] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **connection(settings, principal),
         "request_timeout_ms": 10_000,
     }
     options.update(overrides)
@@ -84,18 +167,23 @@ def admin(settings: Settings, **overrides: object) -> AIOKafkaAdminClient:
 
 async def describe_partitions(client: AIOKafkaAdminClient, topic: str) -> list[int]:
     """The topic's partition numbers, from a fresh metadata request; LookupError if the topic
-    does not exist (or has no partitions yet)."""
+    does not exist (or has no partitions yet), TopicAuthorizationFailedError if the principal
+    may not see it (Kafka does not say whether it exists then)."""
     for described in await client.describe_topics([topic]):
-        if described["topic"] == topic and described["error_code"] == 0:
+        if described["topic"] != topic:
+            continue
+        if described["error_code"] == TopicAuthorizationFailedError.errno:
+            raise TopicAuthorizationFailedError(topic)
+        if described["error_code"] == 0:
             found = sorted(p["partition"] for p in described["partitions"])
             if found:
                 return found
     raise LookupError(f"topic {topic} does not exist")
 
 
-async def topic_partitions(settings: Settings, topic: str) -> list[int]:
+async def topic_partitions(settings: Settings, principal: Principal, topic: str) -> list[int]:
     """describe_partitions through an admin client of its own, for one-off readers."""
-    client = admin(settings)
+    client = admin(settings, principal)
     await client.start()
     try:
         return await describe_partitions(client, topic)
@@ -138,9 +226,7 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
 
 async def ensure_topics(settings: Settings, timeout: float = 60.0) -> list[str]:
     """Creates the topics the services need; returns the names that were created."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=10_000
-    )
+    admin = AIOKafkaAdminClient(**connection(settings, Principal.ADMIN), request_timeout_ms=10_000)
     await _retry_until(admin.start, timeout, "Kafka at " + settings.kafka_bootstrap)
     created = []
     try:
@@ -194,6 +280,8 @@ async def _retry_until(start: object, timeout: float, what: str) -> None:
             await start()  # type: ignore[operator]
             return
         except (KafkaError, OSError) as error:
+            if refused(error):
+                raise RuntimeError(f"{what} refused the admin principal: {error!r}") from error
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"{what} did not answer within {timeout:.0f}s: {error}"
@@ -208,7 +296,7 @@ async def warm_up(settings: Settings, timeout: float = 120.0) -> None:
     __transaction_state when the first transactional producer starts; either can take many
     seconds, which the first upload would otherwise spend waiting.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(**connection(settings, Principal.ADMIN))
     await _retry_until(admin.start, timeout, "Kafka at " + settings.kafka_bootstrap)
     try:
         internal = {"__consumer_offsets", "__transaction_state"} & set(await admin.list_topics())
@@ -216,7 +304,7 @@ async def warm_up(settings: Settings, timeout: float = 120.0) -> None:
         await admin.close()
     if len(internal) == 2:
         return  # warmed up before: nothing to wait for
-    kafka_consumer = consumer(settings, [], "layerlog-provision")
+    kafka_consumer = consumer(settings, Principal.ADMIN, [], "layerlog-provision")
     await _retry_until(kafka_consumer.start, timeout, "Kafka's group coordinator")
     try:
         tp = TopicPartition(settings.events_topic, 0)
@@ -234,6 +322,6 @@ async def warm_up(settings: Settings, timeout: float = 120.0) -> None:
                 await asyncio.sleep(0.5)
     finally:
         await kafka_consumer.stop()
-    transactional = producer(settings, transactional_id="layerlog-provision")
+    transactional = producer(settings, Principal.ADMIN, transactional_id="layerlog-provision")
     await _retry_until(transactional.start, timeout, "Kafka's transaction coordinator")
     await transactional.stop()

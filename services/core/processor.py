@@ -26,6 +26,7 @@ from aiokafka.structs import ConsumerRecord
 
 from services.core import kafka, logs, metrics
 from services.core.codec import CODEC, DecodeError
+from services.core.principals import Principal
 from services.core.records import (
     ChunkAppended,
     CommandRejected,
@@ -85,6 +86,7 @@ class Processor:
         settings: Settings,
         *,
         name: str,
+        principal: Principal,
         input_topic: str,
         group_id: str,
         handle: Handler,
@@ -97,6 +99,7 @@ class Processor:
     ) -> None:
         self.settings = settings
         self.name = name
+        self.principal = principal
         self.input_topic = input_topic
         self.group_id = group_id
         self.handle = handle
@@ -136,7 +139,7 @@ class Processor:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.stop = stop
-        consumer = kafka.consumer(self.settings, [], self.group_id)
+        consumer = kafka.consumer(self.settings, self.principal, [], self.group_id)
         self.consumer = consumer
         consumer.subscribe([self.input_topic], listener=_Rebalance(self))
         await start_with_retry(consumer.start, f"{self.name} consumer")
@@ -186,6 +189,11 @@ class Processor:
                 await self._producer(tp.partition)
                 return await self.consumer.committed(tp)
             except KafkaError as error:
+                if kafka.refused(error):
+                    raise kafka.KafkaRefused(
+                        f"{self.name}: Kafka refused principal {self.principal} taking partition "
+                        f"{tp.partition} over: {error!r}"
+                    ) from error
                 attempt += 1
                 log.warning("%s: taking partition %d over: %r", self.name, tp.partition, error)
                 await self._forget_producer(tp.partition)
@@ -210,7 +218,9 @@ class Processor:
         if producer is None:
             producer = kafka.producer(
                 self.settings,
-                transactional_id=f"layerlog-{self.name}-{self.input_topic}-{partition}",
+                self.principal,
+                # Its ACL is granted by this prefix (services/core/access.py).
+                transactional_id=kafka.transactional_id(self.name, self.input_topic, partition),
                 transaction_timeout_ms=30_000,
             )
             await start_with_retry(producer.start, f"{self.name} producer {partition}")
@@ -452,6 +462,11 @@ async def start_with_retry(start: Callable[[], Awaitable[None]], what: str) -> N
             await start()
             return
         except (KafkaError, OSError) as error:
+            if kafka.refused(error):
+                raise kafka.KafkaRefused(
+                    f"{what}: Kafka refused it: {error!r}; check the principal's password file "
+                    "and the ACLs `layerlog provision` grants"
+                ) from error
             attempt += 1
             delay = backoff(attempt)
             log.warning("%s: cannot reach Kafka (%r); retrying in %.1fs", what, error, delay)

@@ -1,4 +1,4 @@
-"""Creates what the services need on a fresh stack: the topics and the bucket.
+"""Creates what the services need on a fresh stack: the topics, their ACLs and the bucket.
 
 `deploy/stack up` runs this once the servers answer; running it again changes nothing.
 """
@@ -9,8 +9,10 @@ import asyncio
 import sys
 import time
 
-from services.core.kafka import ensure_topics, warm_up
+from services.core import access, acls
+from services.core.kafka import admin, ensure_topics, warm_up
 from services.core.objectstore import ObjectStore
+from services.core.principals import Principal
 from services.core.settings import Settings
 
 STALE_MULTIPART_DAYS = 7
@@ -21,6 +23,11 @@ async def provision(settings: Settings, timeout: float = 60.0) -> list[str]:
     report = []
     created = await ensure_topics(settings, timeout)
     report += [f"created topic {name}" for name in created]
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        # Nobody logs in, so there is no principal to grant anything to.
+        report.append("note: Kafka over PLAINTEXT: no logins, so no ACLs granted")
+    elif granted := await acls.grant(settings, access.bindings(settings), timeout):
+        report.append(f"granted {granted} Kafka ACLs on them")
     await warm_up(settings, timeout)
     store = ObjectStore(settings)
     deadline = time.monotonic() + timeout
@@ -46,6 +53,22 @@ async def provision(settings: Settings, timeout: float = 60.0) -> list[str]:
             "removed by Layerlog's own upload expiry"
         )
     return report
+
+
+async def remove_topics(settings: Settings) -> None:
+    """The reverse of the Kafka half of provision, for runs with topics of their own (the tests,
+    the bench): deletes the settings' topics and revokes the ACLs granted on them."""
+    client = admin(settings, Principal.ADMIN)
+    await client.start()
+    try:
+        names = [settings.commands_topic, settings.events_topic, settings.dead_letter_topic]
+        existing = set(await client.list_topics())
+        if doomed := [name for name in names if name in existing]:
+            await client.delete_topics(doomed)
+    finally:
+        await client.close()
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        await acls.revoke(settings, access.bindings(settings))
 
 
 def main() -> int:

@@ -28,9 +28,48 @@ class SettingsError(ValueError):
     """A LAYERLOG_* variable holds a value the services cannot use."""
 
 
+# --- Kafka security ---
+KAFKA_SECURITY_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL", "PLAINTEXT")
+KAFKA_SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+_KAFKA_USER = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class KafkaLogin:
+    user: str
+    password: str = field(repr=False)
+
+
+def _readable(variable: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise SettingsError(f"{variable}: cannot read {path} ({error.strerror})") from None
+
+
+# --- end of Kafka security ---
+
+
 @dataclass(frozen=True)
 class Settings:
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # --- Kafka security (see kafka_login and the block at the end of this class) ---
+    # The local stack's listener: SASL over plain TCP, SCRAM-SHA-512. PLAINTEXT is only for an
+    # external cluster without authentication; the local stack has no such listener.
+    kafka_security_protocol: str = "SASL_PLAINTEXT"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    # Empty: each process logs in as its own principal (services/core/principals.py) with the
+    # password in <kafka_credentials_dir>/<principal>.password, where `deploy/stack up` writes
+    # them. Set, every client of the process logs in as this user / with this password.
+    kafka_sasl_user: str = ""
+    kafka_sasl_password_file: str = ""
+    # Relative to the working directory: the repository root for `make run|test|bench`
+    # (deploy/with-stack sets it to the stack's own directory when it is unset).
+    kafka_credentials_dir: str = ".cache/kafka/credentials"
+    # SASL_SSL only: the CA that signed the brokers' certificates (empty: the system's CAs).
+    kafka_ca_file: str = ""
+    # --- end of Kafka security ---
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = "layerlog"
     s3_secret_key: str = "layerlog-secret"
@@ -129,6 +168,7 @@ class Settings:
             )
         for server in self.kafka_bootstrap.split(","):
             _host_port("LAYERLOG_KAFKA_BOOTSTRAP", server.strip())
+        self._validate_kafka_security()
         _http_url("LAYERLOG_QUERY_URL", self.query_url, "http://127.0.0.1:8080")
         _http_url("LAYERLOG_REGISTRY_URL", self.registry_url, "http://127.0.0.1:5000")
         if not _BUCKET_NAME.match(self.bucket):
@@ -212,6 +252,79 @@ class Settings:
     @property
     def token_realm(self) -> str:
         return self.auth_realm or self.registry_url.rstrip("/") + "/token"
+
+    # --- Kafka security ---
+
+    def _validate_kafka_security(self) -> None:
+        if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise SettingsError(
+                "LAYERLOG_KAFKA_SECURITY_PROTOCOL must be one of "
+                f"{', '.join(KAFKA_SECURITY_PROTOCOLS)}, got {self.kafka_security_protocol!r}"
+            )
+        if self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+            raise SettingsError(
+                "LAYERLOG_KAFKA_SASL_MECHANISM must be one of "
+                f"{', '.join(KAFKA_SASL_MECHANISMS)}, got {self.kafka_sasl_mechanism!r}"
+            )
+        if self.kafka_sasl_user and not _KAFKA_USER.match(self.kafka_sasl_user):
+            raise SettingsError(
+                "LAYERLOG_KAFKA_SASL_USER must be a user name (1-64 of A-Z a-z 0-9 . _ @ -), "
+                f"got {self.kafka_sasl_user!r}"
+            )
+        if self.kafka_security_protocol == "PLAINTEXT":
+            for variable, value in (
+                ("LAYERLOG_KAFKA_SASL_USER", self.kafka_sasl_user),
+                ("LAYERLOG_KAFKA_SASL_PASSWORD_FILE", self.kafka_sasl_password_file),
+            ):
+                if value:
+                    raise SettingsError(
+                        f"{variable} is set, but LAYERLOG_KAFKA_SECURITY_PROTOCOL=PLAINTEXT "
+                        "sends no credentials; use SASL_PLAINTEXT or SASL_SSL"
+                    )
+        if not self.kafka_credentials_dir.strip():
+            raise SettingsError("LAYERLOG_KAFKA_CREDENTIALS_DIR must name a directory")
+        if self.kafka_ca_file:
+            if self.kafka_security_protocol != "SASL_SSL":
+                raise SettingsError(
+                    "LAYERLOG_KAFKA_CA_FILE is only used with "
+                    f"LAYERLOG_KAFKA_SECURITY_PROTOCOL=SASL_SSL, "
+                    f"not {self.kafka_security_protocol}"
+                )
+            _readable("LAYERLOG_KAFKA_CA_FILE", self.kafka_ca_file)
+
+    def kafka_login(self, principal: str) -> KafkaLogin | None:
+        """The user and password `principal` logs in to Kafka with (None under PLAINTEXT).
+
+        Read when a client is made, so a missing or unreadable password file stops a service
+        as it starts, with the file and the variable to set named."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return None
+        user = self.kafka_sasl_user or str(principal)
+        if self.kafka_sasl_password_file:
+            variable, path = "LAYERLOG_KAFKA_SASL_PASSWORD_FILE", self.kafka_sasl_password_file
+            hint = "set it to a readable file"
+        else:
+            variable = "LAYERLOG_KAFKA_CREDENTIALS_DIR"
+            path = os.path.join(self.kafka_credentials_dir, f"{user}.password")
+            hint = (
+                "`deploy/stack up` writes the local stack's there; or set "
+                "LAYERLOG_KAFKA_CREDENTIALS_DIR to where they are, or "
+                "LAYERLOG_KAFKA_SASL_PASSWORD_FILE"
+            )
+        try:
+            with open(path, encoding="utf-8") as file:
+                password = file.read().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise SettingsError(
+                f"{variable}: cannot read the Kafka password of user {user!r} from {path} "
+                f"({reason}); {hint}"
+            ) from None
+        if not password:
+            raise SettingsError(f"{variable}: the Kafka password file {path} is empty")
+        return KafkaLogin(user, password)
+
+    # --- end of Kafka security ---
 
     @property
     def query_host_port(self) -> tuple[str, int]:

@@ -38,6 +38,7 @@ from aiokafka.errors import KafkaError
 
 from services.core import kafka
 from services.core.eventlog import partition_for
+from services.core.principals import Principal
 from services.core.settings import Settings
 from services.query.projection import Projection
 
@@ -93,6 +94,7 @@ class ReadBarrier:
         self,
         settings: Settings,
         projection: Projection,
+        principal: Principal,
         *,
         wait_seconds: float = DEFAULT_WAIT_SECONDS,
     ) -> None:
@@ -100,10 +102,10 @@ class ReadBarrier:
         self.projection = projection
         self.wait_seconds = wait_seconds
         self.group = kafka.upload_worker_group(settings)
-        self.admin: AIOKafkaAdminClient = kafka.admin(settings)
+        self.admin: AIOKafkaAdminClient = kafka.admin(settings, principal)
         # read_uncommitted: end_offsets is then the high watermark (see step 3 above).
         self.offsets: AIOKafkaConsumer = kafka.consumer(
-            settings, [], None, isolation_level="read_uncommitted"
+            settings, principal, [], None, isolation_level="read_uncommitted"
         )
         self._started = False
         self._coordinator: int | None = None

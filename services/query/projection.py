@@ -13,6 +13,7 @@ from aiokafka.errors import KafkaError
 
 from services.core import kafka, metrics
 from services.core.codec import CODEC, DecodeError
+from services.core.principals import Principal
 from services.core.processor import start_with_retry
 from services.core.records import Event, RepositoryEvent
 from services.core.settings import Settings
@@ -23,8 +24,9 @@ T = TypeVar("T")
 
 
 class Projection:
-    def __init__(self, settings: Settings, index: Index) -> None:
+    def __init__(self, settings: Settings, index: Index, principal: Principal) -> None:
         self.settings = settings
+        self.principal = principal  # the Kafka principal it reads the events as
         self.index = index
         self.topic = settings.events_topic
         # Every write goes through one thread, and so through one SQLite connection.
@@ -38,7 +40,7 @@ class Projection:
 
     async def run(self, stop: asyncio.Event, until: dict[int, int] | None = None) -> None:
         """Applies events until stop is set (or, given `until`, up to those offsets)."""
-        consumer = kafka.consumer(self.settings, [], None, max_poll_records=5000)
+        consumer = kafka.consumer(self.settings, self.principal, [], None, max_poll_records=5000)
         await start_with_retry(consumer.start, "query projection")
         try:
             partitions = await self._partitions()
@@ -121,7 +123,7 @@ class Projection:
     async def _partitions(self) -> list[TopicPartition]:
         while True:
             try:
-                found = await kafka.topic_partitions(self.settings, self.topic)
+                found = await kafka.topic_partitions(self.settings, self.principal, self.topic)
                 return [TopicPartition(self.topic, p) for p in found]
             except (LookupError, KafkaError, OSError) as error:
                 log.warning("topic %s has no partitions yet (%s); waiting", self.topic, error)

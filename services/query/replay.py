@@ -9,6 +9,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.core import kafka
+from services.core.principals import Principal
 from services.core.settings import Settings
 from services.query.index import Index
 from services.query.projection import Projection
@@ -19,10 +20,13 @@ async def cut_offsets(
 ) -> dict[int, int]:
     """Per partition, the first offset past the cut: the log's end, the first record at or after
     until_time, or the offsets given (partitions not named are cut at their end)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    # Replays are the audit tools' (`layerlog replay`): they read as the auditor.
+    consumer = AIOKafkaConsumer(**kafka.connection(settings, Principal.AUDITOR))
     await consumer.start()
     try:
-        partitions = await kafka.topic_partitions(settings, settings.events_topic)
+        partitions = await kafka.topic_partitions(
+            settings, Principal.AUDITOR, settings.events_topic
+        )
         tps = [TopicPartition(settings.events_topic, p) for p in partitions]
         ends = await consumer.end_offsets(tps)
         cut = {tp.partition: offset for tp, offset in ends.items()}
@@ -47,6 +51,6 @@ async def rebuild(settings: Settings, out: str | Path, cut: dict[int, int]) -> i
     path = Path(out)
     if await asyncio.to_thread(path.exists):
         raise FileExistsError(f"{path} exists; replay writes a new index")
-    projection = Projection(settings, await asyncio.to_thread(Index, str(path)))
+    projection = Projection(settings, await asyncio.to_thread(Index, str(path)), Principal.AUDITOR)
     await projection.run(asyncio.Event(), until=cut)
     return projection.applied

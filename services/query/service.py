@@ -9,6 +9,7 @@ from aiohttp import web
 
 from services.auth.http import Gate
 from services.core.objectstore import ObjectStore
+from services.core.principals import Principal
 from services.core.settings import Settings
 from services.core.waits import WaitLimit
 from services.query.barrier import ReadBarrier
@@ -29,8 +30,8 @@ async def run(
     # First: a missing key or a broken policy stops the service before it holds any resource.
     gate = Gate(settings, issues_tokens=False) if settings.auth else None
     index = Index(index_path or settings.index_path, read_only=read_only)
-    projection = None if read_only else Projection(settings, index)
-    barrier = None if projection is None else ReadBarrier(settings, projection)
+    projection = None if read_only else Projection(settings, index, Principal.QUERY)
+    barrier = None if projection is None else ReadBarrier(settings, projection, Principal.QUERY)
     api = QueryApi(
         index,
         ObjectStore(settings),

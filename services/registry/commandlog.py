@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 
 from services.core import kafka
 from services.core.codec import CODEC
+from services.core.principals import Principal
 from services.core.records import AppendChunk, Command, RepositoryCommand
 from services.core.settings import MIB, Settings
 from services.query.barrier import Behind, ReadBarrier
@@ -92,7 +93,9 @@ class CommandLog:
         self.budget = ByteBudget(PROCESS_BODY_BYTES)
         # Batches of up to 1 MiB: a small blob's last chunk and its FinishUpload then travel in
         # one batch, which the worker reads in one fetch.
-        self.producer: AIOKafkaProducer = kafka.producer(settings, max_batch_size=MIB)
+        self.producer: AIOKafkaProducer = kafka.producer(
+            settings, Principal.REGISTRY, max_batch_size=MIB
+        )
 
     async def start(self) -> None:
         await self.producer.start()

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from services.auth.http import Gate
 from services.core.objectstore import ObjectStore
+from services.core.principals import Principal
 from services.core.processor import start_with_retry
 from services.core.settings import Settings
 from services.core.waits import WaitLimit
@@ -60,10 +61,10 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     # First: a missing key or a broken policy stops the registry before it holds any resource.
     gate = Gate(settings, issues_tokens=True) if settings.auth else None
     index = Index(settings.registry_index_path)
-    projection = Projection(settings, index)
+    projection = Projection(settings, index, Principal.REGISTRY)
     commands = CommandLog(settings)
     await start_with_retry(commands.start, "registry producer")
-    barrier = ReadBarrier(settings, projection)
+    barrier = ReadBarrier(settings, projection, Principal.REGISTRY)
     app = build_app(settings, index, projection, commands, barrier, gate)
     # As the query service: long request lines reach the handlers, which answer them with the
     # spec's JSON errors, rather than the HTTP parser's plain-text refusal.

@@ -18,6 +18,7 @@ from services.core import kafka
 from services.core.codec import CODEC
 from services.core.eventlog import partition_for
 from services.core.objectstore import ObjectStore
+from services.core.principals import Principal
 from services.core.records import UPLOAD_WORKER, ExpireUpload
 from services.core.settings import Settings
 from services.upload_worker.staging import STATE_PREFIX, StagingArea, Status
@@ -41,7 +42,7 @@ class Expiry:
         self.partition_count = partition_count
 
     async def run(self, stop: asyncio.Event) -> None:
-        producer = kafka.producer(self.settings)
+        producer = kafka.producer(self.settings, Principal.UPLOAD_WORKER)
         await producer.start()
         try:
             while not stop.is_set():

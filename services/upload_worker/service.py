@@ -11,6 +11,7 @@ import logging
 
 from services.core import kafka, metrics, objectstore
 from services.core.objectstore import ObjectStore
+from services.core.principals import Principal
 from services.core.processor import Processor
 from services.core.settings import Settings
 from services.upload_worker.expiry import Expiry
@@ -27,6 +28,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     processor = Processor(
         settings,
         name="upload-worker",
+        principal=Principal.UPLOAD_WORKER,
         input_topic=settings.commands_topic,
         group_id=kafka.upload_worker_group(settings),
         handle=handler.handle,

@@ -15,10 +15,11 @@ from dataclasses import replace
 
 from aiokafka.structs import ConsumerRecord
 
-from services.core import metrics, objectstore
+from services.core import kafka, metrics, objectstore
 from services.core.codec import CODEC, DecodeError, event_hash
 from services.core.layout import BlobPointer
 from services.core.objectstore import ObjectNotFound, ObjectStore
+from services.core.principals import Principal
 from services.core.processor import Output, Processor, dead_letter
 from services.core.records import (
     BlobLinked,
@@ -40,8 +41,7 @@ OVERLAP_BYTES = 1 << 20
 
 
 def group_id(settings: Settings) -> str:
-    # Named after the topic too, for the same reason as the upload worker's group.
-    return f"layerlog-verifier.{settings.events_topic}"
+    return kafka.verifier_group(settings)
 
 
 class Verifier:
@@ -189,6 +189,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     processor = Processor(
         settings,
         name="verifier",
+        principal=Principal.VERIFIER,
         input_topic=settings.events_topic,
         group_id=group_id(settings),
         handle=verifier.handle,

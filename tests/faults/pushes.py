@@ -23,6 +23,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.core.codec import CODEC
 from services.core.eventlog import read_partition
+from services.core.kafka import connection
+from services.core.principals import Principal
 from services.core.records import (
     ManifestStored,
     PutManifest,
@@ -196,7 +198,7 @@ async def until_manifest_put_logged(
     answered (the worker may or may not have applied it yet)."""
     repositories = {repository.encode() for repository, _ in TAGS}
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **connection(settings, Principal.AUDITOR),
         enable_auto_commit=False,
         max_partition_fetch_bytes=8 * MIB,  # whole AppendChunk records, which are skipped
         fetch_max_wait_ms=10,  # the worker applies a command in tens of milliseconds

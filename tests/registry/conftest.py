@@ -17,9 +17,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 
-from services.core.provision import provision
+from services.core.provision import provision, remove_topics
 from services.core.settings import Settings
 from tests.authfiles import USERS, with_auth
 from tests.conftest import ServiceProcess, free_port, registry_process, wait_for_query
@@ -92,12 +91,7 @@ async def registry_settings(
     )
     await provision(own, timeout=30)
     yield own
-    admin = AIOKafkaAdminClient(bootstrap_servers=own.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics(list(topics.values()))
-    finally:
-        await admin.close()
+    await remove_topics(own)
 
 
 @pytest.fixture(scope="session")

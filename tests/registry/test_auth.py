@@ -27,6 +27,7 @@ from services.auth.keys import load_signing_key, thumbprint
 from services.core import kafka
 from services.core.codec import CODEC
 from services.core.objectstore import ObjectStore
+from services.core.principals import Principal
 from services.core.records import (
     CommandRejected,
     PutManifest,
@@ -312,7 +313,9 @@ async def test_a_wrong_password_gets_401_and_guessing_gets_429(
 
 async def events_for(settings: Settings, command_ids: set[str], timeout: float = 60) -> dict:
     """Each command's first event on the events topic, by command id."""
-    consumer = kafka.consumer(settings, [settings.events_topic], None, auto_offset_reset="earliest")
+    consumer = kafka.consumer(
+        settings, Principal.AUDITOR, [settings.events_topic], None, auto_offset_reset="earliest"
+    )
     await consumer.start()
     found: dict[str, object] = {}
     deadline = time.monotonic() + timeout
@@ -370,7 +373,8 @@ async def test_commands_straight_onto_kafka_need_a_token_that_covers_them(
     good = StartUpload(
         upload_id=str(uuid.uuid4()), repository="alice/app", subject="alice", token=ours
     )
-    producer = kafka.producer(settings)
+    # The client principal may write commands: only the tokens inside decide.
+    producer = kafka.producer(settings, Principal.CLIENT)
     await producer.start()
     try:
         for command in [*cases.values(), good]:
