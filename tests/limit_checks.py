@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.core import kafka
 from services.core.codec import CODEC
+from services.core.principals import Principal
 from services.core.records import (
     COMMAND_TYPES,
     REPOSITORY_COMMAND_TYPES,
@@ -46,9 +47,11 @@ async def too_many(response: aiohttp.ClientResponse) -> tuple[int, dict]:
 
 async def commands_on_log(settings: Settings) -> list[Command | RepositoryCommand]:
     """Every command on the settings' commands topic, partition by partition."""
-    partitions = await kafka.topic_partitions(settings, settings.commands_topic)
+    partitions = await kafka.topic_partitions(
+        settings, Principal.AUDITOR, settings.commands_topic
+    )
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+        **kafka.connection(settings, Principal.AUDITOR),
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
