@@ -31,6 +31,7 @@ class LoggedRecord:
     timestamp_ms: int
     record: Any  # a records.* dataclass, or None when the bytes do not decode
     raw: bytes
+    key: bytes | None = None
 
 
 async def read_partition(
@@ -67,17 +68,21 @@ async def read_partition(
                     message.timestamp,
                     record,
                     message.value or b"",
+                    message.key,
                 )
     finally:
         await consumer.stop()
 
 
 async def upload_records(settings: Settings, topic: str, upload_id: str) -> list[LoggedRecord]:
-    """The records of one upload in one topic, in log order."""
+    """The records of one upload in one topic, in log order: those keyed by its id. A
+    repository's records that name the upload (BlobLinked) are keyed by the repository, and share
+    the partition only when the two keys hash alike, so the key, not the field, decides."""
     partitions = await topic_partitions(settings, Principal.AUDITOR, topic)
     partition = partition_for(upload_id, len(partitions))
+    key = upload_id.encode()
     return [
         logged
         async for logged in read_partition(settings, topic, partition)
-        if logged.record is not None and getattr(logged.record, "upload_id", None) == upload_id
+        if logged.record is not None and logged.key == key
     ]
