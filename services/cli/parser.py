@@ -149,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print a JSON object")
     replay.set_defaults(handler=client_command(commands.replay))
 
+    snapshot = command(
+        "snapshot",
+        "upload a snapshot of an index to S3, which new replicas start from",
+        "Copy an index file consistently (SQLite VACUUM INTO, beside a running service) with "
+        "the per-partition log offsets it reflects, upload it to "
+        "s3://LAYERLOG_BUCKET/snapshots/<events topic>/<id>/ and its manifest (sha256, size, "
+        "offsets) last, then delete all but the newest LAYERLOG_SNAPSHOT_KEEP. A query or "
+        "registry replica with a new index starts from the newest snapshot that passes its "
+        "checks and replays only the log after it. --list shows the snapshots instead.",
+    )
+    snapshot.add_argument(
+        "--index", metavar="FILE", help="the index to snapshot (default: LAYERLOG_INDEX_PATH)"
+    )
+    snapshot.add_argument("--list", action="store_true", help="list the snapshots in S3")
+    snapshot.add_argument("--json", action="store_true", help="print JSON")
+    snapshot.set_defaults(handler=client_command(commands.snapshot))
+
     audit = command("audit", "check the event log for tampering")
     audit_checks = audit.add_subparsers(metavar="CHECK")
     verify = audit_checks.add_parser(
