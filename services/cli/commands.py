@@ -283,7 +283,7 @@ async def _list_snapshots(snapshots: Snapshots, as_json: bool) -> int:
         for row in rows:
             print(json.dumps(row))
     else:
-        print(f"{'SNAPSHOT':40}  {'STATE':8}  {'SIZE':>10}  {'OFFSETS':>12}  TAKEN BY")
+        print(f"{'SNAPSHOT':40}  {'STATE':8}  {'SIZE':>10}  {'RECORDS':>12}  TAKEN BY")
         for row in rows:
             state = "complete" if row["complete"] else str(row.get("problem", "partial"))
             size = format_size(int(row["size"])) if "size" in row else "-"  # type: ignore[call-overload]

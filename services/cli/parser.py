@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     query = command(
         "query",
         "serve Exists/Fetch from the index projected from events",
-        "Serve the HTTP API (HEAD/GET /v2/<name>/blobs/<digest>, /healthz, /metrics) from the "
-        "SQLite index, which it keeps projecting from the events topic. With --read-only it "
-        "serves an index as it is (one `layerlog replay` wrote) and starts no projection.",
+        "Serve the HTTP API (HEAD/GET /v2/<name>/blobs/<digest>, /healthz, /readyz, /metrics) "
+        "from the SQLite index, which it keeps projecting from the events topic. With "
+        "--read-only it serves an index as it is (one `layerlog replay` wrote) and starts no "
+        "projection.",
     )
     query.add_argument("--index", help="SQLite index file (default: LAYERLOG_INDEX_PATH)")
     query.add_argument(
