@@ -4,7 +4,7 @@
                                   and bench/*.png
   python -m bench --quick         small sizes, one run: a smoke check in a few minutes
   python -m bench --only NAME     some figures (repeat, or comma-separate): ingest, concurrent,
-                                  latency, fetch, memory, replay, exists
+                                  latency, fetch, memory, replay, exists, snapshots
   python -m bench --profile       run the services under py-spy; collapsed stacks in
                                   bench/out/profiles/ (summarise with `python -m bench.flame`)
   python -m bench --render JSON   rewrite the report from a saved run (bench/out/results-*.json)
@@ -31,12 +31,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import events, fetch, ingest, latency, memory
+from bench import events, fetch, ingest, latency, memory, snapshots
 from bench.common import Context, load_average, log
 from bench.report import write_markdown, write_plots
 from bench.stack import OUT, ROOT, Pipeline, new_tag, run_settings
 
-NAMES = ("ingest", "concurrent", "latency", "fetch", "memory", "replay", "exists")
+NAMES = ("ingest", "concurrent", "latency", "fetch", "memory", "replay", "exists", "snapshots")
 PIPELINE_FIGURES = ("ingest", "concurrent", "latency", "fetch", "memory")
 # `make bench` must finish within 20 minutes here; the digest bench gets what the figures leave.
 BUDGET_SECONDS = 19 * 60
@@ -63,6 +63,12 @@ DESCRIPTIONS = [
     "timed from its first applied event to its last (/healthz `events_applied`). Baseline: a "
     "Kafka consumer with the projection's settings reading the same events without decoding "
     "or indexing them. Exists runs on the index this builds.",
+    "**New replica from a snapshot**: a query replica started on an empty index, timed from "
+    "spawn until its /readyz answers 200 (it then listens and serves), over a log of synthetic "
+    "uploads (as for Replay) plus a 1% tail written after a snapshot was taken: it fetches and "
+    "checks the snapshot (sha256, SQLite integrity_check), then replays the tail. Baseline: the "
+    "same replica from the log's start, before the tail (measured once, `bench/snapshots.py`; "
+    "the 10,000,000-event run is in the section below).",
     "**Memory**: VmHWM of each service process, reset (`/proc/PID/clear_refs`) before the "
     "phase, during an upload through the SDK and a fetch of the whole layer. Baseline: a Python "
     "process streaming the same bytes to S3 and back with minio (`python -m bench.memory`).",
@@ -203,6 +209,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "replay + exists",
             lambda: events.events(ctx, replay="replay" in selected, exists="exists" in selected),
         )
+    if "snapshots" in selected:
+        await timed("snapshots", lambda: snapshots.figure(ctx))
     digest = None
     if not args.no_digest and not args.only:
         begin = time.monotonic()

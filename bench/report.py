@@ -10,6 +10,8 @@ from typing import Any
 from bench.stats import Figure, percentile
 
 PROFILING_NOTES = Path(__file__).resolve().parent / "PROFILING.md"
+# Measured by `python -m bench.snapshots` on a log too long for `make bench`'s time budget.
+SNAPSHOT_NOTES = Path(__file__).resolve().parent / "SNAPSHOTS.md"
 BEFORE = Path(__file__).resolve().parent / "results-before.json"
 
 
@@ -189,6 +191,8 @@ def write_markdown(results: dict[str, Any], out: Path, plots: list[str]) -> Path
             "",
             digest_section(results["digest"]),
         ]
+    if SNAPSHOT_NOTES.exists():
+        parts += ["", SNAPSHOT_NOTES.read_text().strip()]
     if PROFILING_NOTES.exists():
         parts += ["", PROFILING_NOTES.read_text().strip()]
     path = out / "RESULTS.md"

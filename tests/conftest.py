@@ -146,12 +146,14 @@ class ServiceProcess:
 
 
 async def wait_for_query(settings: Settings, timeout: float = 30, url: str | None = None) -> None:
+    """Until the service at url (the query service's by default) is ready: /readyz answers 200
+    once its index holds the log as it was when it started."""
     deadline = time.monotonic() + timeout
     url = url or settings.query_url
     async with aiohttp.ClientSession() as http:
         while True:
             try:
-                async with http.get(url + "/healthz") as response:
+                async with http.get(url + "/readyz") as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientError:

@@ -61,7 +61,7 @@ LOGIN_CACHE_SECONDS = 60.0
 FAILURE_WINDOW_SECONDS = 60.0
 # Verified tokens kept; past this many (live ones), the cache starts over.
 VERIFIED_CACHE = 10_000
-_OPEN_ROUTES = frozenset({"healthz", "metrics", "token"})
+_OPEN_ROUTES = frozenset({"healthz", "readyz", "metrics", "token"})
 
 
 @dataclass(frozen=True)

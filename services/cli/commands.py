@@ -1,4 +1,4 @@
-"""The client commands: push, pull, exists, history, replay and audit verify."""
+"""The client commands: push, pull, exists, history, replay, snapshot and audit verify."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from services.cli.exits import EXIT_NO, EXIT_OK, UsageError
+from services.cli.exits import EXIT_NO, EXIT_OK, Unavailable, UsageError
 from services.cli.progress import CountingReader, Progress, format_size
 from services.core.settings import Settings
+
+if TYPE_CHECKING:
+    from services.query.snapshots import Snapshots
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -203,6 +207,92 @@ async def replay(args: argparse.Namespace) -> int:
             f"serve it: layerlog query --index {result.out} --read-only"
         )
     return EXIT_OK
+
+
+async def snapshot(args: argparse.Namespace) -> int:
+    from services.core.objectstore import is_transient
+    from services.query.snapshots import NothingToSnapshot, Snapshots
+
+    settings = Settings.from_env()
+    snapshots = Snapshots(settings)
+    try:
+        if args.list:
+            return await _list_snapshots(snapshots, args.json)
+        index = args.index or settings.index_path
+        if not await asyncio.to_thread(Path(index).is_file):
+            raise UsageError(f"no index file {index} (--index FILE, or LAYERLOG_INDEX_PATH)")
+        started = time.monotonic()
+        taken = await snapshots.take(index)
+    except NothingToSnapshot as empty:
+        raise UsageError(str(empty)) from None
+    except Exception as error:
+        if is_transient(error) and not isinstance(error, FileNotFoundError | PermissionError):
+            raise Unavailable(f"S3 at {settings.s3_endpoint}: {error!r}") from error
+        raise
+    seconds = time.monotonic() - started
+    manifest = taken.manifest
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "snapshot_id": manifest.snapshot_id,
+                    "index": index,
+                    "key": f"{snapshots.prefix}{manifest.snapshot_id}/",
+                    "events_topic": manifest.events_topic,
+                    "offsets": {str(p): o for p, o in sorted(manifest.offsets.items())},
+                    "size": manifest.size,
+                    "sha256": manifest.sha256,
+                    "pruned": taken.pruned,
+                    "seconds": round(seconds, 3),
+                }
+            )
+        )
+    else:
+        offsets = " ".join(f"{p}:{o}" for p, o in sorted(manifest.offsets.items()))
+        print(
+            f"snapshot {manifest.snapshot_id} of {index}: {format_size(manifest.size)} in "
+            f"s3://{settings.bucket}/{snapshots.prefix}{manifest.snapshot_id}/ in {seconds:.1f}s\n"
+            f"offsets (partition:next offset): {offsets}\n"
+            f"pruned {len(taken.pruned)} older snapshot(s), keeping the newest "
+            f"{settings.snapshot_keep}"
+        )
+    return EXIT_OK
+
+
+async def _list_snapshots(snapshots: Snapshots, as_json: bool) -> int:
+    from services.query.snapshots import SnapshotRejected
+
+    rows = []
+    for listing in await snapshots.list():
+        row: dict[str, object] = {"snapshot_id": listing.snapshot_id, "complete": listing.complete}
+        if listing.has_manifest:
+            try:
+                manifest = await snapshots.manifest(listing.snapshot_id)
+                row.update(
+                    size=manifest.size,
+                    events=sum(manifest.offsets.values()),
+                    created_at=manifest.created_at,
+                    source=manifest.source,
+                )
+            except SnapshotRejected as rejected:
+                row.update(complete=False, problem=str(rejected.problem))
+        else:
+            row["problem"] = "manifest_missing"
+        rows.append(row)
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(f"{'SNAPSHOT':40}  {'STATE':8}  {'SIZE':>10}  {'RECORDS':>12}  TAKEN BY")
+        for row in rows:
+            state = "complete" if row["complete"] else str(row.get("problem", "partial"))
+            size = format_size(int(row["size"])) if "size" in row else "-"  # type: ignore[call-overload]
+            events = str(row.get("events", "-"))
+            print(
+                f"{row['snapshot_id']:40}  {state:8}  {size:>10}  {events:>12}  "
+                f"{row.get('source', '-')}"
+            )
+    return EXIT_OK if rows else EXIT_NO
 
 
 async def audit_verify(args: argparse.Namespace) -> int:

@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     query = command(
         "query",
         "serve Exists/Fetch from the index projected from events",
-        "Serve the HTTP API (HEAD/GET /v2/<name>/blobs/<digest>, /healthz, /metrics) from the "
-        "SQLite index, which it keeps projecting from the events topic. With --read-only it "
-        "serves an index as it is (one `layerlog replay` wrote) and starts no projection.",
+        "Serve the HTTP API (HEAD/GET /v2/<name>/blobs/<digest>, /healthz, /readyz, /metrics) "
+        "from the SQLite index, which it keeps projecting from the events topic. With "
+        "--read-only it serves an index as it is (one `layerlog replay` wrote) and starts no "
+        "projection.",
     )
     query.add_argument("--index", help="SQLite index file (default: LAYERLOG_INDEX_PATH)")
     query.add_argument(
@@ -148,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--out", required=True, metavar="FILE", help="new index file to write")
     replay.add_argument("--json", action="store_true", help="print a JSON object")
     replay.set_defaults(handler=client_command(commands.replay))
+
+    snapshot = command(
+        "snapshot",
+        "upload a snapshot of an index to S3, which new replicas start from",
+        "Copy an index file consistently (SQLite VACUUM INTO, beside a running service) with "
+        "the per-partition log offsets it reflects, upload it to "
+        "s3://LAYERLOG_BUCKET/snapshots/<events topic>/<id>/ and its manifest (sha256, size, "
+        "offsets) last, then delete all but the newest LAYERLOG_SNAPSHOT_KEEP. A query or "
+        "registry replica with a new index starts from the newest snapshot that passes its "
+        "checks and replays only the log after it. --list shows the snapshots instead.",
+    )
+    snapshot.add_argument(
+        "--index", metavar="FILE", help="the index to snapshot (default: LAYERLOG_INDEX_PATH)"
+    )
+    snapshot.add_argument("--list", action="store_true", help="list the snapshots in S3")
+    snapshot.add_argument("--json", action="store_true", help="print JSON")
+    snapshot.set_defaults(handler=client_command(commands.snapshot))
 
     audit = command("audit", "check the event log for tampering")
     audit_checks = audit.add_subparsers(metavar="CHECK")

@@ -343,6 +343,7 @@ class LayerService:
             if remaining <= 0:
                 raise LayerError(f"no verdict for upload {upload_id} within {self.finish_timeout}s")
             wait = min(POLL_SECONDS, remaining)
+            pause = 0.0
             try:
                 async with await self._request(
                     "GET",
@@ -353,8 +354,14 @@ class LayerService:
                     body = await response.json(content_type=None)
                     if response.status == 200 and body["state"] in final | {"rejected"}:
                         return body
-                    if response.status not in (200, 404):
+                    if response.status == 503:
+                        # A replica still catching up with the log (or storage away): the
+                        # verdict is in the log all the same; ask again as it says.
+                        pause = min(_retry_after(response), remaining)
+                    elif response.status not in (200, 404):
                         _raise_for_status(response, body)
+                if pause:
+                    await asyncio.sleep(pause)
             except aiohttp.ClientConnectionError:
                 # The query service restarts; the verdict will still be in the log when it is back.
                 await asyncio.sleep(0.5)

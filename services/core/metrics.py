@@ -96,6 +96,32 @@ PROJECTION_LAST_EVENT_SECONDS = Gauge(
     "Log timestamp of the newest event applied to the index (time() minus this: how stale)",
 )
 
+# Query and registry replicas (services.query.replica, services.query.snapshots).
+REPLICA_READY = Gauge(
+    "layerlog_replica_ready",
+    "1 once the index holds the log as it was when the process started (it then takes traffic)",
+)
+CATCH_UP_REMAINING = Gauge(
+    "layerlog_replica_catch_up_remaining_records",
+    "Events between the index and the log end offsets noted at start (0 once ready)",
+)
+SNAPSHOTS_TAKEN = Counter(
+    "layerlog_snapshots_taken", "Snapshots of the index uploaded to S3 (manifest written)"
+)
+SNAPSHOT_FAILURES = Counter(
+    "layerlog_snapshot_failures", "Snapshots that could not be taken or uploaded"
+)
+SNAPSHOT_LAST_TAKEN_SECONDS = Gauge(
+    "layerlog_snapshot_last_taken_timestamp_seconds", "When this process last uploaded a snapshot"
+)
+SNAPSHOTS_SKIPPED = Counter(
+    "layerlog_snapshots_skipped",
+    "Snapshots a new replica found unusable and skipped, by reason",
+    ["reason"],
+)
+SNAPSHOT_RESTORES = Counter(
+    "layerlog_snapshot_restores", "New indexes started from a snapshot instead of the log's start"
+)
 
 # Query service and registry (services.core.waits): requests waiting for a verdict or an
 # outcome, and those refused because the process had as many waiting as it allows.

@@ -261,6 +261,23 @@ class ObjectStore:
             metadata=headers,
         )
 
+    async def put_file(self, key: str, path: str, part_size: int = 64 << 20) -> None:
+        """Uploads a local file, in parts read from disk (an index snapshot: gigabytes)."""
+        await asyncio.to_thread(
+            self.client.fput_object, self.bucket, key, path, part_size=part_size
+        )
+
+    async def get_file(self, key: str, path: str) -> None:
+        """Downloads the object into a local file; ObjectNotFound if there is none."""
+
+        def download() -> None:
+            try:
+                self.client.fget_object(self.bucket, key, path)
+            except S3Error as error:
+                raise _translate(error, key) from error
+
+        await asyncio.to_thread(download)
+
     async def get(self, key: str, offset: int = 0, length: int = 0) -> bytes:
         def read() -> bytes:
             response = self._open(key, offset, length)

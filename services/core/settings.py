@@ -135,6 +135,23 @@ class Settings:
     # Requests waiting for a verdict or an outcome at once; past it, 429 with Retry-After.
     max_waiting_requests: int = 512
 
+    # Replicas and snapshots (services/query/replica.py, services/query/snapshots.py).
+    # SO_REUSEPORT on the query's and the registry's listening sockets: replicas on one host
+    # share LAYERLOG_QUERY_LISTEN / LAYERLOG_REGISTRY_LISTEN and the kernel spreads connections
+    # over those that listen. A replica then listens there only once it has caught up.
+    reuse_port: bool = False
+    # A replica's own address for /healthz, /readyz and /metrics, answering from the moment the
+    # process starts (while it restores a snapshot or catches up); "" = none.
+    query_status_listen: str = ""
+    registry_status_listen: str = ""
+    # How often a replica uploads a snapshot of its index to S3; 0 = never (only on demand,
+    # `layerlog snapshot`).
+    snapshot_interval_seconds: int = 0
+    # Complete snapshots kept per events topic; older ones are deleted after each new one.
+    snapshot_keep: int = 3
+    # A replica whose index is new starts from the newest valid snapshot, not the log's start.
+    snapshot_restore: bool = True
+
     # The SDK's and the CLI's own login (services/client/credentials.py), found the way registry
     # clients find one: LAYERLOG_USERNAME with LAYERLOG_PASSWORD or, for a mounted secret,
     # LAYERLOG_PASSWORD_FILE; without them a docker config.json; else anonymous.
@@ -220,10 +237,29 @@ class Settings:
             _http_url("LAYERLOG_AUTH_REALM", self.auth_realm, "https://registry.example/token")
         self._validate_login()
 
+        self._validate_replicas()
+
         if self.expiry_interval_seconds < 1:
             raise SettingsError(
                 "LAYERLOG_EXPIRY_INTERVAL_SECONDS must be at least 1, "
                 f"got {self.expiry_interval_seconds}"
+            )
+
+    def _validate_replicas(self) -> None:
+        for variable, value in (
+            ("LAYERLOG_QUERY_STATUS_LISTEN", self.query_status_listen),
+            ("LAYERLOG_REGISTRY_STATUS_LISTEN", self.registry_status_listen),
+        ):
+            if value:
+                _host_port(variable, value)
+        if self.snapshot_interval_seconds < 0:
+            raise SettingsError(
+                "LAYERLOG_SNAPSHOT_INTERVAL_SECONDS must be 0 (off) or more, "
+                f"got {self.snapshot_interval_seconds}"
+            )
+        if self.snapshot_keep < 1:
+            raise SettingsError(
+                f"LAYERLOG_SNAPSHOT_KEEP must be at least 1, got {self.snapshot_keep}"
             )
 
     def _validate_login(self) -> None:

@@ -34,6 +34,7 @@ from services.query.barrier import Behind, ReadBarrier
 from services.query.index import Index, LayerRow, RejectionRow, UploadRow, UploadStates
 from services.query.oci import OciReadApi
 from services.query.projection import Projection
+from services.query.replica import STATUS_PATHS, Readiness, health_body, readyz
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class QueryApi:
         barrier: ReadBarrier | None = None,
         gate: Gate | None = None,
         waits: WaitLimit | None = None,
+        readiness: Readiness | None = None,
     ) -> None:
         self.index = index
         self.store = store
@@ -138,11 +140,13 @@ class QueryApi:
         self.redirect = redirect
         self.gate = gate
         self.waits = waits  # caps the verdict waits (?wait=); None: no cap
+        # None: always ready (an app built in a test, or around an index that does not change).
+        self.readiness = readiness
         self._requests: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[str, Any] = {}
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.observe])
+        app = web.Application(middlewares=[self.observe, self.until_ready])
         app.on_response_prepare.append(_stamp_request_id)
         # One named resource for both methods: a second add_route on the same path would make
         # an unnamed resource, and GETs would be counted under route="unmatched".
@@ -156,6 +160,7 @@ class QueryApi:
         app.router.add_get("/uploads/{uuid}", self.upload, name="upload")
         app.router.add_get("/uploads/{uuid}/verdict", self.verdict, name="verdict")
         app.router.add_get("/healthz", self.health, name="healthz")
+        app.router.add_get("/readyz", self.ready, name="readyz")
         app.router.add_get("/metrics", self.metrics, name="metrics")
         return app
 
@@ -176,6 +181,17 @@ class QueryApi:
             response = self._failed(request, unexpected)
         self._count(route, request.method, response.status, time.perf_counter() - started)
         return response
+
+    @web.middleware
+    async def until_ready(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Until the replica has caught up with the log as it was at start, only the status
+        routes answer; the rest is 503 with Retry-After (a load balancer sends it elsewhere)."""
+        readiness = self.readiness
+        if readiness is None or readiness.ready or request.path in STATUS_PATHS:
+            return await handler(request)
+        return readiness.refusal(request.path)
 
     def _failed(self, request: web.Request, unexpected: Exception) -> web.StreamResponse:
         request_id = request[REQUEST_ID]
@@ -426,11 +442,12 @@ class QueryApi:
         return row
 
     async def health(self, request: web.Request) -> web.Response:
-        body: dict[str, object] = {"status": "ok"}
-        if self.projection is not None:
-            body["projection_lag"] = self.projection.lag()
-            body["events_applied"] = self.projection.applied
-        return web.json_response(body)
+        return web.json_response(health_body(self.projection))
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.readiness is None:
+            return web.json_response({"status": "ready", "behind": 0})
+        return await readyz(self.readiness)
 
     async def metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest())

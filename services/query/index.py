@@ -8,6 +8,7 @@ skipped. All calls block; the service runs them in threads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
@@ -750,3 +751,41 @@ def check_index(path: str) -> str | None:
     except sqlite3.Error as error:
         return f"{path} is not a Layerlog index: {error}"
     return None
+
+
+# Every table in an order fixed by its content: two indexes that hold the same state give the
+# same dump, whatever order their partitions were applied in. The outcomes of one command keep
+# their log order (rowid; VACUUM INTO may renumber rowids, never reorder them), which is what
+# outcome() reads; the rowid itself is left out.
+CANONICAL_QUERIES = {
+    "layers": "SELECT * FROM layers ORDER BY repository, digest",
+    "uploads": "SELECT * FROM uploads ORDER BY upload_id",
+    "rejections": "SELECT * FROM rejections ORDER BY command_id",
+    "manifests": "SELECT * FROM manifests ORDER BY repository, digest",
+    "tags": "SELECT * FROM tags ORDER BY repository, tag",
+    "blob_links": "SELECT * FROM blob_links ORDER BY repository, digest",
+    "outcomes": "SELECT * FROM outcomes ORDER BY command_id, rowid",
+    "offsets": "SELECT * FROM offsets ORDER BY topic, partition",
+}
+
+
+def canonical_rows(path: str) -> Iterable[tuple[str, tuple[Any, ...]]]:
+    """(table, row) for every row of the index, in the canonical order (blocking)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        for table, query in CANONICAL_QUERIES.items():
+            for row in db.execute(query):
+                yield table, row
+    finally:
+        db.close()
+
+
+def canonical_digest(path: str) -> tuple[str, dict[str, int]]:
+    """A sha256 over the canonical dump, and the rows per table: equal digests, equal indexes."""
+    hasher = hashlib.sha256()
+    counts = dict.fromkeys(CANONICAL_QUERIES, 0)
+    for table, row in canonical_rows(path):
+        counts[table] += 1
+        hasher.update(repr((table, row)).encode())
+        hasher.update(b"\n")
+    return hasher.hexdigest(), counts

@@ -35,6 +35,11 @@ class Projection:
         self.positions: dict[int, int] = {}
         self.end_offsets: dict[int, int] = {}
         self.applied = 0
+        # The log end offsets (last stable offsets: what a read_committed reader reaches) noted
+        # when the projection started, and set once the index holds everything below them: a
+        # replica takes traffic only then (services.query.replica).
+        self.start_target: dict[int, int] | None = None
+        self.caught_up = asyncio.Event()
         # The batch being written to the index while the next one is fetched and decoded.
         self._applying: asyncio.Task[None] | None = None
 
@@ -52,6 +57,8 @@ class Projection:
                 else:
                     await consumer.seek_to_beginning(tp)
                 self.positions[tp.partition] = stored.get(tp.partition, 0)
+            self.start_target = await self._start_offsets(consumer, partitions, stop)
+            self._note_progress()
             while not stop.is_set():
                 if until is not None:
                     await self._settle()  # the cut is judged on what is stored
@@ -107,6 +114,7 @@ class Projection:
     ) -> None:
         await self._in_writer(self.index.apply, self.topic, rows, positions)
         self.positions.update(positions)
+        self._note_progress()
         self.applied += len(rows)
         metrics.PROJECTION_EVENTS_APPLIED.inc(len(rows))
         metrics.PROJECTION_LAST_EVENT_SECONDS.set(newest / 1000)
@@ -157,8 +165,49 @@ class Projection:
         if moved:
             await self._in_writer(self.index.apply, self.topic, [], moved)
             self.positions.update(moved)
+            self._note_progress()
             async with self.changed:
                 self.changed.notify_all()  # a read barrier may wait for these positions
+
+    async def _start_offsets(
+        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition], stop: asyncio.Event
+    ) -> dict[int, int] | None:
+        """The log end offsets now, asked until Kafka answers (None if stopped first)."""
+        while not stop.is_set():
+            try:
+                ends = await consumer.end_offsets(partitions)
+                return {tp.partition: offset for tp, offset in ends.items()}
+            except (KafkaError, OSError) as error:
+                log.warning("end offsets of %s unavailable (%r); asking again", self.topic, error)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+        return None
+
+    def behind_start(self) -> int | None:
+        """Events between the index and the end offsets noted at start; None before those are
+        known."""
+        if self.start_target is None:
+            return None
+        return sum(
+            max(0, end - self.positions.get(partition, 0))
+            for partition, end in self.start_target.items()
+        )
+
+    def _note_progress(self) -> None:
+        behind = self.behind_start()
+        if behind is None or self.caught_up.is_set():
+            return
+        metrics.CATCH_UP_REMAINING.set(behind)
+        if behind == 0:
+            metrics.REPLICA_READY.set(1)
+            log.info(
+                "projection of %s caught up with the log as it was at start (%s)",
+                self.topic,
+                " ".join(f"{p}:{o}" for p, o in sorted((self.start_target or {}).items())),
+            )
+            self.caught_up.set()
 
     def _reached(self, until: dict[int, int]) -> bool:
         return all(self.positions.get(p, 0) >= offset for p, offset in until.items())

@@ -16,6 +16,7 @@ from services.query.barrier import ReadBarrier
 from services.query.http import QueryApi
 from services.query.index import Index
 from services.query.projection import Projection
+from services.query.replica import Replica, supervise
 
 log = logging.getLogger(__name__)
 
@@ -29,35 +30,53 @@ async def run(
 ) -> None:
     # First: a missing key or a broken policy stops the service before it holds any resource.
     gate = Gate(settings, issues_tokens=False) if settings.auth else None
-    index = Index(index_path or settings.index_path, read_only=read_only)
-    projection = None if read_only else Projection(settings, index, Principal.QUERY)
-    barrier = None if projection is None else ReadBarrier(settings, projection, Principal.QUERY)
-    api = QueryApi(
-        index,
-        ObjectStore(settings),
-        projection,
-        redirect=settings.blob_redirect,
-        barrier=barrier,
-        gate=gate,
-        waits=WaitLimit(settings.max_waiting_requests),
+    path = index_path or settings.index_path
+    replica = Replica(
+        settings,
+        service="query",
+        principal=Principal.QUERY,
+        index_path=path,
+        listen=settings.query_host_port,
+        status_listen=settings.query_status_listen,
     )
-    # Long request lines must reach the handlers, which answer them with a JSON 400, rather than
-    # the HTTP parser's plain-text refusal.
-    runner = web.AppRunner(api.app(), access_log=None, max_line_size=65536, max_field_size=65536)
-    await runner.setup()
-    host, port = settings.query_host_port
-    await web.TCPSite(runner, host, port).start()
-    log.info("query: serving http://%s:%d (index %s)", host, port, index.path)
-    tasks = [asyncio.create_task(stop.wait())]
-    if projection is not None:
-        tasks.append(asyncio.create_task(projection.run(stop)))
+    await replica.start_status()
+    runner: web.AppRunner | None = None
+    barrier: ReadBarrier | None = None
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()  # a projection that died must take the service down, loudly
+        if not read_only:
+            await replica.prepare_index(stop)  # a new index may start from a snapshot
+        index = Index(path, read_only=read_only)
+        projection = None if read_only else Projection(settings, index, Principal.QUERY)
+        replica.readiness.follow(projection)
+        barrier = None if projection is None else ReadBarrier(settings, projection, Principal.QUERY)
+        api = QueryApi(
+            index,
+            ObjectStore(settings),
+            projection,
+            redirect=settings.blob_redirect,
+            barrier=barrier,
+            gate=gate,
+            waits=WaitLimit(settings.max_waiting_requests),
+            readiness=replica.readiness,
+        )
+        # Long request lines must reach the handlers, which answer them with a JSON 400, rather
+        # than the HTTP parser's plain-text refusal.
+        runner = web.AppRunner(
+            api.app(), access_log=None, max_line_size=65536, max_field_size=65536
+        )
+        await runner.setup()
+        essential = []
+        helpers = [asyncio.create_task(replica.open(runner))]
+        if projection is not None:
+            # A projection that dies must take the service down, loudly.
+            essential.append(asyncio.create_task(projection.run(stop)))
+            if settings.snapshot_interval_seconds:
+                helpers.append(asyncio.create_task(replica.snapshot_every(projection, stop)))
+        await supervise(stop, essential, helpers)
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         if barrier is not None:
             await barrier.close()
+        await replica.close()

@@ -23,6 +23,7 @@ from services.query.barrier import ReadBarrier
 from services.query.http import QueryApi
 from services.query.index import Index
 from services.query.projection import Projection
+from services.query.replica import Readiness, Replica, supervise
 from services.registry.commandlog import CommandLog, Watcher
 from services.registry.write import WriteApi
 
@@ -36,6 +37,7 @@ def build_app(
     commands: CommandLog,
     barrier: ReadBarrier,
     gate: Gate | None,
+    readiness: Readiness | None = None,
 ) -> web.Application:
     # The read side is the query service's app: blob HEAD/GET, the OCI read routes (GET /v2/,
     # manifests, tags, catalog, referrers), /healthz and /metrics. The write routes join it.
@@ -49,6 +51,7 @@ def build_app(
         barrier=barrier,
         gate=gate,
         waits=waits,
+        readiness=readiness,
     ).app()
     watch = Watcher(projection)
     WriteApi(settings, index, commands, watch, barrier, waits).add_routes(app.router)
@@ -60,25 +63,43 @@ def build_app(
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     # First: a missing key or a broken policy stops the registry before it holds any resource.
     gate = Gate(settings, issues_tokens=True) if settings.auth else None
-    index = Index(settings.registry_index_path)
-    projection = Projection(settings, index, Principal.REGISTRY)
-    commands = CommandLog(settings)
-    await start_with_retry(commands.start, "registry producer")
-    barrier = ReadBarrier(settings, projection, Principal.REGISTRY)
-    app = build_app(settings, index, projection, commands, barrier, gate)
-    # As the query service: long request lines reach the handlers, which answer them with the
-    # spec's JSON errors, rather than the HTTP parser's plain-text refusal.
-    runner = web.AppRunner(app, access_log=None, max_line_size=65536, max_field_size=65536)
-    await runner.setup()
-    host, port = settings.registry_host_port
-    await web.TCPSite(runner, host, port).start()
-    log.info("registry: serving http://%s:%d (index %s)", host, port, index.path)
+    replica = Replica(
+        settings,
+        service="registry",
+        principal=Principal.REGISTRY,
+        index_path=settings.registry_index_path,
+        listen=settings.registry_host_port,
+        status_listen=settings.registry_status_listen,
+    )
+    await replica.start_status()
+    commands: CommandLog | None = None
+    runner: web.AppRunner | None = None
+    barrier: ReadBarrier | None = None
     try:
+        await replica.prepare_index(stop)  # a new index may start from a snapshot
+        index = Index(settings.registry_index_path)
+        projection = Projection(settings, index, Principal.REGISTRY)
+        replica.readiness.follow(projection)
+        commands = CommandLog(settings)
+        await start_with_retry(commands.start, "registry producer")
+        barrier = ReadBarrier(settings, projection, Principal.REGISTRY)
+        app = build_app(settings, index, projection, commands, barrier, gate, replica.readiness)
+        # As the query service: long request lines reach the handlers, which answer them with
+        # the spec's JSON errors, rather than the HTTP parser's plain-text refusal.
+        runner = web.AppRunner(app, access_log=None, max_line_size=65536, max_field_size=65536)
+        await runner.setup()
+        helpers = [asyncio.create_task(replica.open(runner))]
+        if settings.snapshot_interval_seconds:
+            helpers.append(asyncio.create_task(replica.snapshot_every(projection, stop)))
         # Returns once stop is set; a projection that fails takes the registry down, loudly,
         # rather than leave it answering writes it can never see the outcome of.
-        await projection.run(stop)
+        await supervise(stop, [asyncio.create_task(projection.run(stop))], helpers)
     finally:
         stop.set()
-        await runner.cleanup()
-        await barrier.close()
-        await commands.stop()
+        if runner is not None:
+            await runner.cleanup()
+        if barrier is not None:
+            await barrier.close()
+        if commands is not None:
+            await commands.stop()
+        await replica.close()
