@@ -649,6 +649,20 @@ class Index:
         )
         return [ManifestCopy(*row) for row in rows]
 
+    def manifest_copy(self, digest: str) -> ManifestCopy | None:
+        """The manifest's copy as every repository stored it, stored anywhere now or not."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT digest, object_key, size, "
+                "max(last_stored_at, coalesce(last_deleted_at, 0)) FROM manifest_objects "
+                "WHERE digest = ?",
+                (digest,),
+            )
+            .fetchone()
+        )
+        return None if row is None else ManifestCopy(*row)
+
     def manifest_stored_anywhere(self, digest: str) -> ManifestRow | None:
         """One repository's row of a manifest, if any repository stores it."""
         row = (
