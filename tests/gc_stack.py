@@ -47,14 +47,24 @@ class Pauses:
 
     def __init__(self) -> None:
         self.armed: dict[tuple[Step, str], Pause] = {}
+        self.passed: list[Pause] = []  # reached: released by the test, or by release_all
 
     def arm(self, step: Step, digest: str) -> Pause:
         pause = self.armed[(step, digest)] = Pause()
         return pause
 
+    def release_all(self) -> None:
+        """Lets every stopped service go and disarms the rest (after a failed test)."""
+        for pause in self.armed.values():
+            pause.go.set()
+        self.armed.clear()
+        for pause in self.passed:
+            pause.go.set()
+
     async def __call__(self, step: Step, digest: str) -> None:
         pause = self.armed.pop((step, digest), None)
         if pause is not None:
+            self.passed.append(pause)
             pause.reached.set()
             await pause.go.wait()
 
@@ -186,8 +196,7 @@ async def gc_stack(
             try:
                 yield stack
             finally:
-                for pause in pauses.armed.values():
-                    pause.go.set()
+                pauses.release_all()
                 await stack.stop_all()
     finally:
         for process in processes:
