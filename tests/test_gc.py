@@ -7,6 +7,7 @@ against a sweep is tests/test_gc_race.py's."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -14,6 +15,8 @@ import aiohttp
 import pytest
 
 from services.audit.verify import verify_log
+from services.client import LayerError
+from services.core.checkpoints import Step
 from services.core.layout import blob_pointer_key, manifest_key
 from services.core.objectstore import ObjectNotFound
 from services.core.records import PointerFate, ReclaimReason
@@ -222,3 +225,64 @@ async def test_a_manifest_put_racing_the_delete_gets_its_copy_back(stack, http):
     async with http.get(f"{stack.registry_url}/v2/gc/manifests-race/manifests/{digest}") as got:
         assert got.status == 200 and await got.read() == body
     await audit_clean(stack)
+
+
+# A replayed verdict whose copy is gone anyway. The collector never takes a held copy, so this is
+# an operator deleting bytes under a running registry: the audit reports the loss, and the push
+# being verified must not be linked to nothing. A stack of its own: its log keeps that break.
+
+
+@pytest.fixture(scope="module")
+async def damaged(settings, tmp_path_factory) -> GcStack:
+    async with gc_stack(settings, tmp_path_factory.mktemp("gc-damaged"), "gcdamaged") as running:
+        yield running
+
+
+async def verdict_replayed_after_removal(stack: GcStack, step, label: str):
+    """Pushes known bytes (deduplicated onto the first push's copy), kills the verifier at
+    `step`, removes that copy out of band, starts the verifier again; returns the digest, the
+    removed copy, the bytes and the second push's outcome (None, or the error it raised)."""
+    data = os.urandom(15_000)
+    digest = sha256(data)
+    await stack.push(f"gc/{label}-first", data)
+    first = await committed_copy(stack, f"gc/{label}-first", digest)
+    pause = stack.pauses.arm(step, digest)
+    second = asyncio.create_task(stack.push(f"gc/{label}-second", data))
+    await pause.wait_reached()
+    await stack.kill("verifier")
+    await stack.store.delete(first)
+    stack.start("verifier")
+    outcome = (await asyncio.gather(second, return_exceptions=True))[0]
+    return digest, first, data, outcome
+
+
+async def test_a_replay_falls_back_to_its_own_copy_when_the_first_is_gone(damaged):
+    digest, first, data, outcome = await verdict_replayed_after_removal(
+        damaged, Step.VERIFIER_VERDICT_STORED, "fallback"
+    )
+    assert not isinstance(outcome, BaseException), outcome
+    own = await committed_copy(damaged, "gc/fallback-second", digest)
+    assert own != first
+    assert await damaged.fetch("gc/fallback-second", digest) == data
+    assert (await damaged.store.get(own)) == data
+    # The one break is the removal itself, on the first push's commit; the second is sound.
+    report = await verify_log(damaged.settings)
+    (removal,) = report.breaks
+    assert removal.event == "LayerCommitted" and first in removal.problem
+
+
+async def test_a_replay_fails_the_upload_rather_than_link_nothing(damaged):
+    digest, _, _, outcome = await verdict_replayed_after_removal(
+        damaged, Step.VERIFIER_DECIDED, "nothing"
+    )
+    assert isinstance(outcome, LayerError), outcome
+    await damaged.caught_up()
+    assert damaged.index.blob("gc/nothing-second", digest) is None
+    failed = [
+        row
+        for (upload_id,) in damaged.index._connection().execute(
+            "SELECT upload_id FROM uploads WHERE repository = 'gc/nothing-second'"
+        )
+        if (row := damaged.index.upload(upload_id)) is not None
+    ]
+    assert [(r.state, r.reason) for r in failed] == [("failed", "MISSING_DATA")]
