@@ -189,6 +189,7 @@ async def replay(args: argparse.Namespace) -> int:
                     "uploads": result.uploads,
                     "manifests": result.manifests,
                     "tags": result.tags,
+                    "reclaims": result.reclaims,
                     "seconds": round(seconds, 3),
                 }
             )

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run one garbage-collection sweep now (--dry-run: list what would go)",
         "Catch an index up to the end of the events topic, then reclaim what no repository has "
         "linked for LAYERLOG_GC_GRACE_SECONDS, as the gc-service does (see README, Reclaiming "
-        "space): the blobs/ pointer is withdrawn, pushes in flight are waited for, a "
+        "space): the blobs/ pointer is withdrawn, what a push or mount in flight holds is kept, a "
         "BlobReclaimed or ManifestReclaimed is published, then the bytes are deleted. "
         "--dry-run changes nothing and lists what would go and the bytes it would free. The "
         "index is a temporary file (the whole log is read) unless --index names one to keep.",
