@@ -13,13 +13,24 @@ import os
 
 import aiohttp
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from services.audit.verify import verify_log
 from services.client import LayerError
 from services.core.checkpoints import Step
+from services.core.codec import CODEC
+from services.core.kafka import connection
 from services.core.layout import blob_pointer_key, manifest_key
 from services.core.objectstore import ObjectNotFound
-from services.core.records import PointerFate, ReclaimReason
+from services.core.principals import Principal
+from services.core.records import (
+    GARBAGE_COLLECTOR,
+    BlobReclaimed,
+    PointerFate,
+    ReclaimReason,
+    at_ms,
+    derived_id,
+)
 from services.gc.plan import KeptReason, Kind
 from services.oci.manifest import OCI_MANIFEST
 from tests.conftest import run_cli, settings_env
@@ -286,3 +297,42 @@ async def test_a_replay_fails_the_upload_rather_than_link_nothing(damaged):
         if (row := damaged.index.upload(upload_id)) is not None
     ]
     assert [(r.state, r.reason) for r in failed] == [("failed", "MISSING_DATA")]
+
+
+async def test_a_forged_reclaim_of_a_linked_blob_deletes_nothing(damaged):
+    # The sweep finishes reclaims its ledger has not (a sweeper stopped between publishing and
+    # deleting); one written into the log out of band for a blob a repository links is not
+    # one to finish: the bytes stay, and the audit reports the event.
+    data = os.urandom(8_000)
+    digest = sha256(data)
+    await damaged.push("gc/forged", data)
+    key = await committed_copy(damaged, "gc/forged", digest)
+    cut = str(await damaged.sweeper.follower.catch_up())
+    forged = BlobReclaimed(
+        event_id=derived_id(key, "BlobReclaimed"),
+        digest=digest,
+        object_key=key,
+        size=len(data),
+        reason=ReclaimReason.UNLINKED,
+        idle_since=at_ms(0),
+        grace_seconds=0,
+        sweep_id="forged",
+        marked_at=cut,
+        checked_at=cut,
+        blob_sha256=digest,
+        pointer=PointerFate.ABSENT,
+        actor=GARBAGE_COLLECTOR,
+    )
+    producer = AIOKafkaProducer(**connection(damaged.settings, Principal.ADMIN))
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            damaged.settings.events_topic, CODEC.encode(forged), key=digest.encode()
+        )
+    finally:
+        await producer.stop()
+    report = await damaged.sweeper.sweep()
+    assert key not in {c.object_key for c in report.reclaimed}
+    assert await damaged.store.get(key) == data
+    audit = await verify_log(damaged.settings, repository="gc/forged")
+    assert [b.event for b in audit.breaks] == ["BlobReclaimed"]

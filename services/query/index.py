@@ -611,6 +611,23 @@ class Index:
         )
         return [BlobCopy(*row) for row in rows]
 
+    def blob_copy_linked(self, object_key: str, digest: str) -> bool:
+        """Whether a repository links the copy (reclaims aside): a link names it, or the layers
+        row of a repository that has the digest does."""
+        db = self._connection()
+        return (
+            db.execute(
+                f"SELECT 1 FROM blob_links WHERE digest = ? AND {_LINKED} AND object_key = ? "
+                "LIMIT 1",
+                (digest, object_key),
+            ).fetchone()
+            or db.execute(
+                f"SELECT 1 FROM layers l WHERE l.digest = ? AND l.object_key = ? "
+                f"AND {_LAYER_IN_REPOSITORY} LIMIT 1",
+                (digest, object_key),
+            ).fetchone()
+        ) is not None
+
     def blob_digest_state(self, digest: str) -> DigestState:
         """Whether any repository has the digest, and when its links last changed."""
         db = self._connection()
