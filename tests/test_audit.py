@@ -19,7 +19,18 @@ from services.core.codec import CODEC, event_hash
 from services.core.eventlog import upload_records
 from services.core.kafka import connection
 from services.core.principals import Principal
-from services.core.records import ChunkAppended, LayerCommitted, UploadFinished, UploadStarted
+from services.core.records import (
+    GARBAGE_COLLECTOR,
+    BlobReclaimed,
+    ChunkAppended,
+    LayerCommitted,
+    PointerFate,
+    ReclaimReason,
+    UploadFinished,
+    UploadStarted,
+    derived_id,
+)
+from services.query.replay import cut_offsets
 from tests.conftest import settings_env
 
 pytestmark = pytest.mark.usefixtures("stack_services")
@@ -85,6 +96,53 @@ async def test_a_changed_blob_is_reported(settings, store):
     breaks = (await verify_log(settings, repository="audit/tampered")).breaks
     assert len(breaks) == 1
     assert breaks[0].event == "LayerCommitted" and "stored bytes have" in breaks[0].problem
+
+
+async def test_a_forged_reclaim_of_a_linked_blob_is_reported(settings, store):
+    # A BlobReclaimed injected out of band would make every index stop serving a blob that a
+    # repository links (and explain its bytes away): the audit replays the links to the reclaim's
+    # cut and refuses it. (Reclaims the log allows: tests/test_gc.py and test_gc_race.py.)
+    data = b"linked, and said to be reclaimed " * 3000
+    upload_id = await push(settings, "audit/reclaim-forged", data)
+    commit = next(
+        e.record
+        for e in await upload_records(settings, settings.events_topic, upload_id)
+        if isinstance(e.record, LayerCommitted)
+    )
+    cut = " ".join(f"{p}:{o}" for p, o in sorted((await cut_offsets(settings)).items()))
+    forged = BlobReclaimed(
+        event_id=derived_id(commit.object_key, "BlobReclaimed"),
+        digest=commit.digest,
+        object_key=commit.object_key,
+        size=commit.size,
+        reason=ReclaimReason.UNLINKED,
+        idle_since=commit.committed_at,
+        grace_seconds=0,
+        sweep_id="forged",
+        marked_at=cut,
+        checked_at=cut,
+        blob_sha256=commit.blob_sha256,
+        pointer=PointerFate.WITHDRAWN,
+        actor=GARBAGE_COLLECTOR,
+    )
+    producer = AIOKafkaProducer(**connection(settings, Principal.ADMIN))
+    await producer.start()
+    try:
+        sent = await producer.send_and_wait(
+            settings.events_topic, CODEC.encode(forged), key=commit.digest.encode()
+        )
+    finally:
+        await producer.stop()
+    report = await verify_log(settings, repository="audit/reclaim-forged")
+    (broken,) = report.breaks
+    assert (broken.partition, broken.offset, broken.event) == (
+        sent.partition,
+        sent.offset,
+        "BlobReclaimed",
+    )
+    assert "audit/reclaim-forged served" in broken.problem
+    assert report.reclaims == 1
+    assert await store.get(commit.object_key) == data  # nothing was deleted: only the log lies
 
 
 async def test_audit_verify_command(settings):

@@ -237,7 +237,7 @@ async def test_push_on_a_terminal_shows_progress_unless_quiet(settings, tmp_path
 
 
 def test_run_all_serves_every_service_and_ctrl_c_stops_them(settings, tmp_path):
-    """`make run` is `layerlog run-all`: the four services come up, and SIGINT stops them all."""
+    """`make run` is `layerlog run-all`: the five services come up, and SIGINT stops them all."""
     registry = f"127.0.0.1:{free_port()}"
     own = replace(
         settings,
@@ -247,6 +247,8 @@ def test_run_all_serves_every_service_and_ctrl_c_stops_them(settings, tmp_path):
         index_path=str(tmp_path / "query.sqlite"),
         worker_metrics_listen=f"127.0.0.1:{free_port()}",
         verifier_metrics_listen=f"127.0.0.1:{free_port()}",
+        gc_metrics_listen=f"127.0.0.1:{free_port()}",
+        gc_index_path=str(tmp_path / "gc.sqlite"),
         # As `make run`: logins on, over files run-all creates itself on first start.
         auth=True,
         auth_htpasswd_file=str(tmp_path / "auth" / "htpasswd"),
@@ -268,11 +270,14 @@ def test_run_all_serves_every_service_and_ctrl_c_stops_them(settings, tmp_path):
             assert said[-1], said
         started = said[-1]
         children = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", started)]
-        assert len(children) == 4, started
+        assert len(children) == 5, started
+        assert "gc-service (pid" in started
         password = (tmp_path / "auth" / "admin.password").read_text().strip()
         assert any(f"log in as admin: crane auth login {registry}" in line for line in said), said
         assert _answers_200(f"{own.query_url}/healthz", process), "the query service never answered"
         assert _answers_200(f"{own.registry_url}/v2/", process, status=401), "no registry"
+        gc_metrics = f"http://{own.gc_metrics_listen}/metrics"
+        assert _answers_200(gc_metrics, process), "the garbage collector never answered"
         token = fetch_token(own.registry_url, "admin", password, "registry:catalog:*")
         bearer = {"Authorization": f"Bearer {token}"}
         assert _answers_200(f"{own.registry_url}/v2/", process, headers=bearer), "no registry"

@@ -255,6 +255,13 @@ def sample(name: str) -> object:
         "previous_digest": "sha256:p",
         "actor": "alice",
         "token": "header.payload.signature",
+        # The collector's reclaims.
+        "idle_since": when,
+        "grace_seconds": 12,
+        "sweep_id": "s",
+        "marked_at": "0:1 1:2",
+        "checked_at": "0:3 1:4",
+        "pointer": "WITHDRAWN",
     }
     cls = RECORD_TYPES[name]
     if issubclass(cls, Command | RepositoryCommand):

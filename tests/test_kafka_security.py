@@ -20,7 +20,12 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorizationFailedError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 
 from services.client import LayerService
 from services.core import access, acls, kafka
@@ -105,8 +110,10 @@ async def test_a_principal_that_is_not_the_worker_or_the_verifier_cannot_write_e
         await forge(own, principal, own.events_topic)
 
 
-@pytest.mark.parametrize("principal", [Principal.UPLOAD_WORKER, Principal.VERIFIER])
-async def test_the_worker_and_the_verifier_may_write_events(own: Settings, principal: Principal):
+@pytest.mark.parametrize("principal", [Principal.UPLOAD_WORKER, Principal.VERIFIER, Principal.GC])
+async def test_the_worker_the_verifier_and_the_collector_may_write_events(
+    own: Settings, principal: Principal
+):
     value = f"an event by {principal} {uuid.uuid4()}".encode()
     where = await produce(own, principal, own.events_topic, value)
     assert await read_back(own, Principal.AUDITOR, where) == value
@@ -132,6 +139,37 @@ async def test_the_client_cannot_read_the_events(own: Settings):
         await consumer.stop()
     with pytest.raises(TopicAuthorizationFailedError):
         await kafka.topic_partitions(own, Principal.CLIENT, own.events_topic)
+
+
+async def test_the_collector_reads_events_and_writes_no_commands(own: Settings):
+    value = f"an event for the collector {uuid.uuid4()}".encode()
+    where = await produce(own, Principal.VERIFIER, own.events_topic, value)
+    assert await read_back(own, Principal.GC, where) == value
+    for topic in (own.commands_topic, own.dead_letter_topic):
+        with pytest.raises(TopicAuthorizationFailedError):
+            await forge(own, Principal.GC, topic)
+
+
+async def test_the_collector_may_use_its_own_transactional_id_only(own: Settings):
+    ours = kafka.producer(
+        own,
+        Principal.GC,
+        transactional_id=kafka.gc_transactional_id(own),
+        request_timeout_ms=10_000,
+    )
+    await asyncio.wait_for(ours.start(), 30)
+    await ours.stop()
+    theirs = kafka.producer(
+        own,
+        Principal.GC,
+        transactional_id=kafka.transactional_id("verifier", own.events_topic, 0),
+        request_timeout_ms=10_000,
+    )
+    try:
+        with pytest.raises(TransactionalIdAuthorizationFailed):
+            await asyncio.wait_for(theirs.start(), 30)
+    finally:
+        await theirs.stop()
 
 
 async def test_the_auditor_writes_nothing(own: Settings):

@@ -279,5 +279,10 @@ def test_the_scrape_config_targets_the_default_listen_addresses():
     defaults = Settings()
     targets = re.findall(r'targets: \["([^"]+)"\]', config)
     assert sorted(targets) == sorted(
-        [defaults.worker_metrics_listen, defaults.verifier_metrics_listen, defaults.query_listen]
+        [
+            defaults.worker_metrics_listen,
+            defaults.verifier_metrics_listen,
+            defaults.query_listen,
+            defaults.gc_metrics_listen,
+        ]
     )

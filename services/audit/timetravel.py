@@ -77,6 +77,7 @@ class Replayed:
     uploads: int
     manifests: int = 0
     tags: int = 0
+    reclaims: int = 0  # BlobReclaimed and ManifestReclaimed applied
 
 
 async def replay(settings: Settings, out: str | Path, until: Until) -> Replayed:
@@ -90,12 +91,12 @@ async def replay(settings: Settings, out: str | Path, until: Until) -> Replayed:
     await asyncio.to_thread(_remove, partial)
     cut = await cut_offsets(settings, until_time=until.time, until=until.offsets)
     events = await rebuild(settings, partial, cut)
-    layers, uploads, manifests, tags = await asyncio.to_thread(_seal, partial, path)
+    layers, uploads, manifests, tags, reclaims = await asyncio.to_thread(_seal, partial, path)
     await asyncio.to_thread(_remove, partial)
-    return Replayed(path, cut, events, layers, uploads, manifests, tags)
+    return Replayed(path, cut, events, layers, uploads, manifests, tags, reclaims)
 
 
-def _seal(partial: Path, out: Path) -> tuple[int, int, int, int]:
+def _seal(partial: Path, out: Path) -> tuple[int, int, int, int, int]:
     """Copies the replayed index into one self-contained file and counts what it holds.
 
     The projection writes in WAL mode, whose -wal and -shm files a read-only reader would need
@@ -111,9 +112,9 @@ def _seal(partial: Path, out: Path) -> tuple[int, int, int, int]:
     try:
         counts = [
             int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-            for table in ("layers", "uploads", "manifests", "tags")
+            for table in ("layers", "uploads", "manifests", "tags", "reclaims")
         ]
-        return counts[0], counts[1], counts[2], counts[3]
+        return counts[0], counts[1], counts[2], counts[3], counts[4]
     finally:
         db.close()
 

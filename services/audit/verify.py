@@ -10,6 +10,11 @@ outside the chains (they change nothing), and so are upload events written befor
 introduced prev_hash. BlobLinked is outside the repository's chain too (the verifier writes it
 with the upload's LayerCommitted, holding no repository state): each must match the LayerCommitted
 of its upload, so one forged into a repository's partition is reported.
+
+The garbage collector's BlobReclaimed and ManifestReclaimed explain why bytes a commit, mount or
+ManifestStored named are absent; each is itself checked against the links the log had at the cut
+it was decided on, and a link naming reclaimed bytes afterwards is reported
+(services/audit/reclaims.py).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, replace
 
+from services.audit.reclaims import Position, Problem, ReclaimAudit
 from services.core import kafka
 from services.core.codec import event_hash
 from services.core.eventlog import read_partition
@@ -33,6 +39,7 @@ from services.core.records import (
     ManifestStored,
     RepositoryCommandRejected,
     RepositoryEvent,
+    StorageEvent,
     UploadStarted,
     derived_id,
 )
@@ -64,6 +71,8 @@ class Report:
     repositories: set[str] = field(default_factory=set)
     blobs: int = 0
     manifests: int = 0
+    reclaims: int = 0  # BlobReclaimed and ManifestReclaimed checked
+    reclaimed: int = 0  # commits, mounts and manifests whose absent bytes a reclaim explains
     breaks: list[Break] = field(default_factory=list)
 
 
@@ -82,9 +91,14 @@ async def verify_log(
     # Links and commits live in different partitions: matched once the whole log is read.
     links: list[tuple[int, int, BlobLinked]] = []
     commits: dict[str, LayerCommitted] = {}
+    # Whatever repository is audited, reclaims are judged against every repository's links.
+    collected = ReclaimAudit()
     for partition in await _partitions(settings):
         async for logged in read_partition(settings, settings.events_topic, partition):
             event = logged.record
+            collected.see(partition, logged.offset, event)
+            if isinstance(event, StorageEvent):
+                continue  # judged once the whole log is read
             if isinstance(event, RepositoryEvent):
                 if repository is not None and event.repository != repository:
                     continue
@@ -139,11 +153,41 @@ async def verify_log(
         seen_links.add(link.event_id)
         if problem:
             report.breaks.append(_break(partition, offset, link, problem))
+    # Limited to a repository: the reclaims of the copies its events name.
+    scope = None
+    if repository is not None:
+        scope = {e.object_key for _, _, e in blobs} | {e.object_key for _, _, e, _ in manifests}
+    problems = collected.problems(scope)
+    report.reclaims = sum(
+        1 for _, e in collected.reclaims if scope is None or e.object_key in scope
+    )
+    for problem in problems:
+        # A link to reclaimed bytes is its repository's break; a reclaim is in scope already.
+        elsewhere = (
+            repository is not None
+            and not isinstance(problem.event, StorageEvent)
+            and getattr(problem.event, "repository", None) != repository
+        )
+        if not elsewhere:
+            report.breaks.append(_reclaim_break(problem))
     if check_blobs:
         store = ObjectStore(settings)
-        await _check_blobs(store, blobs, report)
-        await _check_manifests(store, manifests, report)
+        await _check_blobs(store, blobs, report, collected)
+        await _check_manifests(store, manifests, report, collected)
     return report
+
+
+def _reclaim_break(problem: Problem) -> Break:
+    event = problem.event
+    name = type(event).__name__
+    if isinstance(event, StorageEvent):
+        return Break(problem.at.partition, problem.at.offset, "", name, problem.problem)
+    # A link past a reclaim's cut (services/audit/reclaims.py's LinkEvent): the repository's.
+    repository = getattr(event, "repository", "")
+    kind = "BlobLinked or BlobMounted"
+    return Break(
+        problem.at.partition, problem.at.offset, "", kind, problem.problem, repository=repository
+    )
 
 
 def _break(partition: int, offset: int, event: Event | RepositoryEvent, problem: str) -> Break:
@@ -210,9 +254,13 @@ def _manifest_problem(event: RepositoryEvent) -> str | None:
 
 
 async def _check_manifests(
-    store: ObjectStore, manifests: list[tuple[int, int, ManifestStored, str]], report: Report
+    store: ObjectStore,
+    manifests: list[tuple[int, int, ManifestStored, str]],
+    report: Report,
+    reclaims: ReclaimAudit,
 ) -> None:
-    """Each manifest's stored copy must be the very bytes its ManifestStored carries."""
+    """Each manifest's stored copy must be the very bytes its ManifestStored carries, unless a
+    reclaim decided after it explains the copy's absence."""
     stored: dict[str, str | None] = {}  # object key -> sha256 of its bytes (None: missing)
     for partition, offset, event, body_sha256 in manifests:
         if event.object_key not in stored:
@@ -223,6 +271,11 @@ async def _check_manifests(
                 stored[event.object_key] = None
             report.manifests += 1
         found = stored[event.object_key]
+        if found is None and reclaims.manifest_absence_explained(
+            Position(partition, offset), event.digest
+        ):
+            report.reclaimed += 1
+            continue
         if found is None:
             problem = f"its stored copy ({event.object_key}) is missing"
         elif found != body_sha256:
@@ -237,10 +290,20 @@ def _sha256(data: bytes) -> str:
 
 
 async def _check_blobs(
-    store: ObjectStore, blobs: list[tuple[int, int, Stored]], report: Report
+    store: ObjectStore,
+    blobs: list[tuple[int, int, Stored]],
+    report: Report,
+    reclaims: ReclaimAudit,
 ) -> None:
     computed: dict[tuple[str, str], dict[str, str] | None] = {}
+    reclaimed = reclaims.reclaimed_blob_keys()
     for partition, offset, event in blobs:
+        if event.object_key in reclaimed:
+            # Not read (its delete may be under way): a reclaim decided after this event
+            # explains its absence; one that came before it, the reclaim checks report.
+            if reclaims.blob_absence_explained(Position(partition, offset), event.object_key):
+                report.reclaimed += 1
+                continue
         try:
             algorithm = parse_digest(event.digest).algorithm
         except DigestError as error:
@@ -294,6 +357,8 @@ async def run_verify(
         "repositories": len(report.repositories),
         "blobs_checked": report.blobs,
         "manifests_checked": report.manifests,
+        "reclaims_checked": report.reclaims,
+        "reclaimed": report.reclaimed,
         "breaks": len(report.breaks),
     }
     if as_json:
@@ -302,7 +367,8 @@ async def run_verify(
         print(
             f"checked {summary['events']} events of {summary['uploads']} uploads and "
             f"{summary['repositories']} repositories, {summary['blobs_checked']} stored blobs "
-            f"and {summary['manifests_checked']} stored manifests: "
+            f"and {summary['manifests_checked']} stored manifests, "
+            f"{summary['reclaims_checked']} reclaims: "
             + (f"{len(report.breaks)} breaks" if report.breaks else "no breaks")
         )
     return 1 if report.breaks else 0

@@ -1,4 +1,4 @@
-"""The client commands: push, pull, exists, history, replay, snapshot and audit verify."""
+"""The client commands: push, pull, exists, history, replay, snapshot, audit verify and gc."""
 
 from __future__ import annotations
 
@@ -193,6 +193,7 @@ async def replay(args: argparse.Namespace) -> int:
                     "uploads": result.uploads,
                     "manifests": result.manifests,
                     "tags": result.tags,
+                    "reclaims": result.reclaims,
                     "seconds": round(seconds, 3),
                 }
             )
@@ -304,3 +305,39 @@ async def audit_verify(args: argparse.Namespace) -> int:
         check_blobs=not args.no_blobs,
         as_json=args.json,
     )
+
+
+async def gc(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from services.cli.progress import format_size
+    from services.core.records import at_ms
+    from services.gc.service import open_collector
+
+    settings = Settings.from_env()
+    with tempfile.TemporaryDirectory(prefix="layerlog-gc-") as scratch:
+        path = args.index or str(Path(scratch) / "index.sqlite")
+        async with open_collector(settings, path, keep_ledger=args.index is not None) as sweeper:
+            report = await sweeper.sweep(dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.to_json()))
+        return EXIT_OK
+    verb = "would reclaim" if report.dry_run else "reclaimed"
+    print(
+        f"{verb} {len(report.reclaimed)} copies, {format_size(report.bytes)} ({report.bytes} "
+        f"bytes); kept {len(report.kept)}; log cut {report.marked_at}"
+    )
+    rows = [(c, "") for c in report.reclaimed] + [
+        (k.candidate, k.reason.value) for k in report.kept
+    ]
+    if rows:
+        print(f"{'KIND':9} {'SIZE':>10}  {'REASON':13} {'KEPT':11} {'IDLE SINCE (UTC)':19}  DIGEST")
+        for candidate, kept in rows:
+            idle = at_ms(candidate.idle_since_ms).strftime("%Y-%m-%d %H:%M:%S")
+            print(
+                f"{candidate.kind.value:9} {candidate.size:>10}  {candidate.reason.value:13} "
+                f"{kept or '-':11} {idle:19}  {candidate.digest} {candidate.object_key}"
+            )
+    if report.restored:
+        print(f"restored the copies of {len(report.restored)} manifests a PUT raced")
+    return EXIT_OK

@@ -70,6 +70,7 @@ def _classify(error: Exception) -> tuple[int | None, str, str]:
     from services.client.tokens import TokenServerUnavailable
     from services.core.kafka import KafkaRefused
     from services.core.names import InvalidName
+    from services.gc.follower import Behind
 
     # A refused login is bad input (the credentials given); a refused action is an answer (1).
     usage = (
@@ -88,7 +89,9 @@ def _classify(error: Exception) -> tuple[int | None, str, str]:
     if isinstance(error, LayerError):
         return EXIT_NO, type(error).__name__, str(error)
     # Before OSError: aiohttp's connection errors are OSErrors too, but not the user's fault.
-    if isinstance(error, aiohttp.ClientConnectionError | KafkaConnectionError | Unavailable):
+    if isinstance(
+        error, aiohttp.ClientConnectionError | KafkaConnectionError | Unavailable | Behind
+    ):
         return EXIT_UNAVAILABLE, "Unavailable", str(error) or type(error).__name__
     if isinstance(error, KafkaError | TimeoutError | LookupError):
         return EXIT_UNAVAILABLE, "Unavailable", f"{type(error).__name__}: {error}"

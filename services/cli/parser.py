@@ -75,7 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     registry.set_defaults(handler=run_service, service="registry")
 
-    run_all_command = command("run-all", "run the four services until Ctrl-C")
+    gc_service = command(
+        "gc-service",
+        "reclaim the bytes of blobs and manifests no repository links, every so often",
+        "Keep an index of its own (LAYERLOG_GC_INDEX_PATH) projected from the events topic and "
+        "sweep every LAYERLOG_GC_INTERVAL_SECONDS: copies nothing has linked for "
+        "LAYERLOG_GC_GRACE_SECONDS are reclaimed, each with a BlobReclaimed or ManifestReclaimed "
+        "event published before its bytes are deleted. Pushes and pulls go on meanwhile. Serves "
+        "Prometheus metrics at http://LAYERLOG_GC_METRICS_LISTEN/metrics.",
+    )
+    gc_service.set_defaults(handler=run_service, service="gc-service")
+
+    run_all_command = command("run-all", "run the five services until Ctrl-C")
     run_all_command.set_defaults(handler=run_all)
 
     # Client commands
@@ -183,6 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help="JSON lines: each break, a summary")
     verify.set_defaults(handler=client_command(commands.audit_verify))
+
+    gc = command(
+        "gc",
+        "run one garbage-collection sweep now (--dry-run: list what would go)",
+        "Catch an index up to the end of the events topic, then reclaim what no repository has "
+        "linked for LAYERLOG_GC_GRACE_SECONDS, as the gc-service does (see README, Reclaiming "
+        "space): the blobs/ pointer is withdrawn, what a push or mount in flight holds is kept, a "
+        "BlobReclaimed or ManifestReclaimed is published, then the bytes are deleted. "
+        "--dry-run changes nothing and lists what would go and the bytes it would free. The "
+        "index is a temporary file (the whole log is read) unless --index names one to keep.",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    gc.add_argument("--json", action="store_true", help="print a JSON object")
+    gc.add_argument(
+        "--index",
+        metavar="FILE",
+        help="an index file of this command's own to keep between runs (not the service's)",
+    )
+    gc.set_defaults(handler=client_command(commands.gc))
 
     provision = command(
         "provision", "create the topics, their Kafka ACLs and the bucket (idempotent)"

@@ -1,4 +1,5 @@
-"""`layerlog upload-worker|verifier|query|registry` and `run-all`: services in the foreground."""
+"""`layerlog upload-worker|verifier|query|registry|gc-service` and `run-all`: services in the
+foreground."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ from services.cli.exits import EXIT_NO, EXIT_OK, EXIT_USAGE
 from services.core.principals import Principal
 from services.core.settings import Settings
 
-SERVICES = ("upload-worker", "verifier", "query", "registry")
+SERVICES = ("upload-worker", "verifier", "query", "registry", "gc-service")
 # Each service logs in to Kafka as a principal of its own (services/core/access.py).
 PRINCIPALS = {
     "upload-worker": Principal.UPLOAD_WORKER,
     "verifier": Principal.VERIFIER,
     "query": Principal.QUERY,
     "registry": Principal.REGISTRY,
+    "gc-service": Principal.GC,
 }
 
 
@@ -61,6 +63,10 @@ def run_service(args: argparse.Namespace) -> int:
             await service.run(settings, stop)
         elif args.service == "registry":
             from services.registry import service
+
+            await service.run(settings, stop)
+        elif args.service == "gc-service":
+            from services.gc import service
 
             await service.run(settings, stop)
         else:
@@ -111,7 +117,8 @@ def run_all(args: argparse.Namespace) -> int:
     env.setdefault(
         "LAYERLOG_REGISTRY_INDEX_PATH", str(Path(".cache/registry/index.sqlite").resolve())
     )
-    for index in ("LAYERLOG_INDEX_PATH", "LAYERLOG_REGISTRY_INDEX_PATH"):
+    env.setdefault("LAYERLOG_GC_INDEX_PATH", str(Path(".cache/gc/index.sqlite").resolve()))
+    for index in ("LAYERLOG_INDEX_PATH", "LAYERLOG_REGISTRY_INDEX_PATH", "LAYERLOG_GC_INDEX_PATH"):
         Path(env[index]).parent.mkdir(parents=True, exist_ok=True)
     children = [
         subprocess.Popen([sys.executable, "-m", "services.cli", name], env=env) for name in SERVICES

@@ -65,6 +65,10 @@ def bindings(settings: Settings) -> list[AclBinding]:
         *transactions(Principal.VERIFIER, "verifier", events),
         # Upload commands; everything else the SDK does goes through the query service.
         *topic(Principal.CLIENT, commands, WRITE),
+        # The garbage collector: events for its own index, its reclaims back onto events in
+        # transactions of its own (one id: one sweeper at a time publishes).
+        *topic(Principal.GC, events, READ, WRITE),
+        *transactions(Principal.GC, "gc", events),
         # Every topic, read only.
         *topic(Principal.AUDITOR, commands, READ),
         *topic(Principal.AUDITOR, events, READ),

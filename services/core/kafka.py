@@ -156,6 +156,12 @@ def transactional_id(service: str, input_topic: str, partition: int) -> str:
     return f"{transactional_id_prefix(service, input_topic)}{partition}"
 
 
+def gc_transactional_id(settings: Settings) -> str:
+    """The garbage collector's one transactional id: a sweeper that starts fences the one
+    before it, whose reclaims then never commit (and whose deletes never start)."""
+    return f"{transactional_id_prefix('gc', settings.events_topic)}sweeper"
+
+
 def admin(settings: Settings, principal: Principal, **overrides: object) -> AIOKafkaAdminClient:
     options: dict[str, object] = {
         **connection(settings, principal),

@@ -6,6 +6,8 @@
   repository that stores it.
 - repository-state/<name>/_state.json: a repository's tags, manifests and chain head (the
   worker's).
+- gc-holds/...: what the verifier and the upload worker are about to rely on, for the garbage
+  collector (services/core/holds.py).
 """
 
 from __future__ import annotations

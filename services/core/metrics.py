@@ -123,6 +123,38 @@ SNAPSHOT_RESTORES = Counter(
     "layerlog_snapshot_restores", "New indexes started from a snapshot instead of the log's start"
 )
 
+# The garbage collector (services.gc).
+GC_RECLAIMED = Counter(
+    "layerlog_gc_reclaimed",
+    "Copies the garbage collector reclaimed (a BlobReclaimed or ManifestReclaimed committed, "
+    "then the object deleted), by kind (blob, manifest)",
+    ["kind"],
+)
+GC_RECLAIMED_BYTES = Counter(
+    "layerlog_gc_reclaimed_bytes", "Bytes the garbage collector reclaimed, by kind", ["kind"]
+)
+GC_KEPT = Counter(
+    "layerlog_gc_kept",
+    "Unlinked copies a sweep kept, once per sweep, by kind and reason: grace (unlinked for less "
+    "than LAYERLOG_GC_GRACE_SECONDS), racing_link (linked again, or its links moved, between "
+    "the mark and the check), hold (a push, mount or manifest PUT in flight holds it), pointer "
+    "(the blobs/ pointer named it again)",
+    ["kind", "reason"],
+)
+GC_MANIFESTS_RESTORED = Counter(
+    "layerlog_gc_manifests_restored",
+    "Manifest copies the collector wrote back: a PUT of the same manifest raced its delete",
+)
+GC_HOLDS_RELEASED = Counter(
+    "layerlog_gc_holds_released", "Holds deleted once the log had their cause's outcome"
+)
+GC_SWEEPS = Counter("layerlog_gc_sweeps", "Sweeps, by outcome (done, failed)", ["outcome"])
+GC_SWEEP_SECONDS = Histogram(
+    "layerlog_gc_sweep_seconds",
+    "Time one sweep took, from the mark to the last delete",
+    buckets=_VERIFY_BUCKETS,
+)
+
 # Query service and registry (services.core.waits): requests waiting for a verdict or an
 # outcome, and those refused because the process had as many waiting as it allows.
 WAITING_REQUESTS = Gauge(

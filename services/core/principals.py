@@ -26,6 +26,9 @@ class Principal(StrEnum):
     CLIENT = "client"
     # `layerlog history`, `replay` and `audit verify`: read every topic, write none.
     AUDITOR = "auditor"
+    # The garbage collector (services/gc): reads events for its own index, writes BlobReclaimed
+    # and ManifestReclaimed events in transactions of its own.
+    GC = "gc"
 
 
 # The local broker's own user (its listeners and its super-user rights); no Layerlog process

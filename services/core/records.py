@@ -41,6 +41,9 @@ ANONYMOUS = "anonymous"
 UPLOAD_WORKER = "system:upload-worker"
 """The subject of what the upload worker does by itself: expiring an idle upload."""
 
+GARBAGE_COLLECTOR = "system:gc"
+"""The subject of what the garbage collector does: reclaiming bytes nothing links any more."""
+
 
 # Commands: what clients ask for, on the commands topic, keyed by upload_id.
 
@@ -404,6 +407,69 @@ REPOSITORY_EVENT_TYPES: tuple[type[RepositoryEvent], ...] = (
 )
 
 
+# Storage events: the garbage collector's (services/gc), keyed by the digest. Not an upload's
+# and not a repository's: they say that stored bytes went away, and why that was allowed, so that
+# `audit verify` can tell a reclaimed blob from a lost one and every index stops serving it.
+
+
+class ReclaimReason(StrEnum):
+    # No repository links the digest: every copy of it goes.
+    UNLINKED = "UNLINKED"
+    # The digest is linked, through another copy: no link names this one (two verifiers that
+    # committed one digest at once each kept a copy, or a push kept its own while the first
+    # copy was being reclaimed).
+    UNNAMED_COPY = "UNNAMED_COPY"
+    # A manifest no repository stores.
+    UNSTORED = "UNSTORED"
+
+
+class PointerFate(StrEnum):
+    """What the sweep did with the digest's blobs/ pointer before it decided."""
+
+    WITHDRAWN = "WITHDRAWN"  # it named this copy: deleted, so no new dedupe or mount picks it
+    ELSEWHERE = "ELSEWHERE"  # it named another object, which stays
+    ABSENT = "ABSENT"  # there was none
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageEvent:
+    event_id: str
+    digest: str
+    object_key: str  # the object whose bytes went
+    size: int
+    reason: str  # a ReclaimReason
+    # Since when nothing named the bytes: the digest's last link change (a manifest's last
+    # store or delete); the sweep waited grace_seconds past it.
+    idle_since: datetime
+    grace_seconds: int
+    sweep_id: str  # one per sweep: every event a sweep published carries it
+    # The log cuts ("PARTITION:NEXT_OFFSET ...") the sweep decided on: the mark, and the check
+    # made after the blobs/ pointer was withdrawn. Nothing below checked_at named the bytes.
+    marked_at: str
+    checked_at: str
+    occurred_at: datetime = field(default_factory=now)
+    schema_version: int = 1
+    actor: str | None = None  # GARBAGE_COLLECTOR
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlobReclaimed(StorageEvent):
+    """A committed copy of a blob was deleted: published before the bytes go."""
+
+    blob_sha256: str
+    pointer: str  # a PointerFate
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestReclaimed(StorageEvent):
+    """A manifest's stored copy (manifests/<alg>/<hex>) was deleted: published before it goes.
+    The log keeps the bytes (ManifestStored carries them); a later PUT of the same manifest
+    stores the copy again."""
+
+
+STORAGE_EVENT_TYPES: tuple[type[StorageEvent], ...] = (BlobReclaimed, ManifestReclaimed)
+
+
 # Dead letters: bytes on the commands topic that are not a command at all.
 
 
@@ -436,6 +502,7 @@ RECORD_TYPES: dict[str, type] = {
         *EVENT_TYPES,
         *REPOSITORY_COMMAND_TYPES,
         *REPOSITORY_EVENT_TYPES,
+        *STORAGE_EVENT_TYPES,
         DeadLetter,
     )
 }

@@ -151,6 +151,12 @@ class Settings:
     snapshot_keep: int = 3
     # A replica whose index is new starts from the newest valid snapshot, not the log's start.
     snapshot_restore: bool = True
+    # The garbage collector (services/gc): bytes nothing has linked for this long are reclaimed
+    # (0: as soon as nothing links them, for tests); a sweep this often; its own index.
+    gc_grace_seconds: int = 24 * 3600
+    gc_interval_seconds: int = 3600
+    gc_index_path: str = "layerlog-gc-index.sqlite"
+    gc_metrics_listen: str = "127.0.0.1:9103"
 
     # The SDK's and the CLI's own login (services/client/credentials.py), found the way registry
     # clients find one: LAYERLOG_USERNAME with LAYERLOG_PASSWORD or, for a mounted secret,
@@ -179,6 +185,7 @@ class Settings:
         _host_port("LAYERLOG_REGISTRY_LISTEN", self.registry_listen)
         _host_port("LAYERLOG_WORKER_METRICS_LISTEN", self.worker_metrics_listen)
         _host_port("LAYERLOG_VERIFIER_METRICS_LISTEN", self.verifier_metrics_listen)
+        _host_port("LAYERLOG_GC_METRICS_LISTEN", self.gc_metrics_listen)
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(
                 f"LAYERLOG_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
@@ -239,6 +246,14 @@ class Settings:
 
         self._validate_replicas()
 
+        if self.gc_grace_seconds < 0:
+            raise SettingsError(
+                f"LAYERLOG_GC_GRACE_SECONDS must be 0 or more, got {self.gc_grace_seconds}"
+            )
+        if self.gc_interval_seconds < 1:
+            raise SettingsError(
+                f"LAYERLOG_GC_INTERVAL_SECONDS must be at least 1, got {self.gc_interval_seconds}"
+            )
         if self.expiry_interval_seconds < 1:
             raise SettingsError(
                 "LAYERLOG_EXPIRY_INTERVAL_SECONDS must be at least 1, "

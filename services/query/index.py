@@ -21,6 +21,7 @@ from typing import Any
 from services.core.records import (
     BlobLinked,
     BlobMounted,
+    BlobReclaimed,
     BlobUnlinked,
     ChunkAppended,
     CommandRejected,
@@ -31,6 +32,7 @@ from services.core.records import (
     ManifestStored,
     RepositoryCommandRejected,
     RepositoryEvent,
+    StorageEvent,
     TagDeleted,
     TagMoved,
     UploadCancelled,
@@ -126,6 +128,43 @@ CREATE TABLE IF NOT EXISTS outcomes (
     detail       TEXT,
     UNIQUE (command_id, event_id)
 );
+-- The garbage collector's view (services/gc), projected into every index alike. Every object a
+-- commit or a mount named as a copy of a blob: blob_links and layers keep one per repository and
+-- digest, so a copy that stopped being the one they name would otherwise be forgotten. An index
+-- made before this table existed lacks the copies of the events it had applied; the collector
+-- builds an index of its own from the whole log, so that is only ever true of others'.
+CREATE TABLE IF NOT EXISTS blob_objects (
+    object_key  TEXT PRIMARY KEY,
+    digest      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    blob_sha256 TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blob_objects_by_digest ON blob_objects (digest);
+-- Every manifest ever stored, by digest (one copy serves every repository): when any repository
+-- last stored or deleted it.
+CREATE TABLE IF NOT EXISTS manifest_objects (
+    digest          TEXT PRIMARY KEY,
+    object_key      TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    last_stored_at  INTEGER NOT NULL,
+    last_deleted_at INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS manifests_by_digest ON manifests (digest);
+-- What the collector reclaimed (BlobReclaimed, ManifestReclaimed). A reclaimed blob copy is
+-- never served again, whatever row still names it; blob copies are named by upload, so a key
+-- is reclaimed once. A manifest's key is its digest, stored again by a later PUT.
+CREATE TABLE IF NOT EXISTS reclaims (
+    event_id     TEXT PRIMARY KEY,
+    kind         TEXT NOT NULL,  -- 'blob' or 'manifest'
+    digest       TEXT NOT NULL,
+    object_key   TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    reason       TEXT NOT NULL,
+    sweep_id     TEXT NOT NULL,
+    reclaimed_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reclaims_by_object ON reclaims (object_key);
+CREATE INDEX IF NOT EXISTS reclaims_by_digest ON reclaims (digest);
 CREATE TABLE IF NOT EXISTS offsets (
     topic       TEXT NOT NULL,
     partition   INTEGER NOT NULL,
@@ -143,6 +182,14 @@ _LATER_COPY = (
 )
 # A blob_links row that says the blob is in its repository.
 _LINKED = "linked = 1"
+# The copy (object key ?) was reclaimed: its bytes are gone, whatever row names it.
+_RECLAIMED_BLOB = "SELECT 1 FROM reclaims WHERE object_key = ? AND kind = 'blob'"
+# A layers row (alias l) whose blob is in its repository: linked, or from a log before links.
+_LAYER_IN_REPOSITORY = (
+    "(EXISTS (SELECT 1 FROM blob_links b WHERE b.repository = l.repository "
+    "AND b.digest = l.digest AND b.linked = 1) OR NOT EXISTS (SELECT 1 FROM blob_links b "
+    "WHERE b.repository = l.repository AND b.digest = l.digest))"
+)
 
 
 _TABLES = (
@@ -153,6 +200,9 @@ _TABLES = (
     "tags",
     "blob_links",
     "outcomes",
+    "blob_objects",
+    "manifest_objects",
+    "reclaims",
     "offsets",
 )
 
@@ -251,6 +301,43 @@ class ReferrerRow:
     annotations: dict[str, str]
 
 
+@dataclass(frozen=True)
+class BlobCopy:
+    """A stored copy of a blob (an object a commit or a mount named)."""
+
+    object_key: str
+    digest: str
+    size: int
+    blob_sha256: str
+
+
+@dataclass(frozen=True)
+class DigestState:
+    digest: str
+    linked: bool  # some repository has the blob
+    changed_at_ms: int  # the digest's last link, unlink or commit
+
+
+@dataclass(frozen=True)
+class ManifestCopy:
+    digest: str
+    object_key: str
+    size: int
+    changed_at_ms: int  # its last store or delete in any repository
+
+
+@dataclass(frozen=True)
+class ReclaimRow:
+    event_id: str
+    kind: str  # "blob" or "manifest"
+    digest: str
+    object_key: str
+    size: int
+    reason: str
+    sweep_id: str
+    reclaimed_at_ms: int
+
+
 class Outcomes:
     APPLIED = "applied"
     REJECTED = "rejected"
@@ -325,17 +412,20 @@ class Index:
         """The blob as some repository has it: the registry's automatic content discovery."""
         db = self._connection()
         linked = db.execute(
-            f"SELECT repository FROM blob_links WHERE digest = ? AND {_LINKED} LIMIT 1", (digest,)
-        ).fetchone()
-        if linked is None:
+            f"SELECT repository FROM blob_links WHERE digest = ? AND {_LINKED}", (digest,)
+        ).fetchall()
+        if not linked:
             # An index from before blob links existed has layers rows only.
             linked = db.execute(
                 "SELECT l.repository FROM layers l WHERE l.digest = ? AND NOT EXISTS (SELECT 1 "
-                "FROM blob_links b WHERE b.repository = l.repository AND b.digest = l.digest) "
-                "LIMIT 1",
+                "FROM blob_links b WHERE b.repository = l.repository AND b.digest = l.digest)",
                 (digest,),
-            ).fetchone()
-        return None if linked is None else self.blob(linked[0], digest)
+            ).fetchall()
+        for (repository,) in linked:
+            found = self.blob(repository, digest)
+            if found is not None:  # not a copy the collector reclaimed
+                return found
+        return None
 
     def upload(self, upload_id: str) -> UploadRow | None:
         db = self._connection()
@@ -380,16 +470,25 @@ class Index:
             "WHERE repository = ? AND digest = ?",
             (repository, digest),
         ).fetchone()
-        if link is None:
-            return self.layer(repository, digest)  # a log from before BlobLinked existed
+        layer = self.layer(repository, digest)
+        if link is None:  # a log from before BlobLinked existed
+            return None if layer is None or self._reclaimed(db, layer.object_key) else layer
         size, object_key, linked_at, linked = link
         if not linked:
             return None
-        # Pushed or mounted, the same bytes: a push's row has the time they were created.
-        layer = self.layer(repository, digest)
-        if layer is not None:
+        # Pushed or mounted, the same bytes: a push's row has the time they were created. A copy
+        # the collector reclaimed is never served: the link's own copy then, if it is another
+        # (a push that kept its own while the first copy went), else nothing at all.
+        if layer is not None and not self._reclaimed(db, layer.object_key):
             return layer
-        return LayerRow(repository, digest, size, object_key, linked_at)
+        if object_key is None or self._reclaimed(db, object_key):
+            return None
+        created = linked_at if layer is None else layer.committed_at_ms
+        return LayerRow(repository, digest, size, object_key, created)
+
+    @staticmethod
+    def _reclaimed(db: sqlite3.Connection, object_key: str) -> bool:
+        return db.execute(_RECLAIMED_BLOB, (object_key,)).fetchone() is not None
 
     def manifest(self, repository: str, digest: str) -> ManifestRow | None:
         row = (
@@ -495,12 +594,124 @@ class Index:
             )
         return CommandOutcome(command_id, rows[0][0], Outcomes.APPLIED, tuple(r[1] for r in rows))
 
+    # For the garbage collector (services/gc)
+
+    def unnamed_blob_copies(self) -> list[BlobCopy]:
+        """Copies of blobs that nothing serves: no link names them and no repository that has
+        the digest serves them (its layers row's copy), and the collector has not reclaimed them.
+        Their digests may still be linked, through other copies."""
+        rows = self._connection().execute(
+            "SELECT o.object_key, o.digest, o.size, o.blob_sha256 FROM blob_objects o "
+            "WHERE NOT EXISTS (SELECT 1 FROM reclaims r WHERE r.object_key = o.object_key "
+            "AND r.kind = 'blob') "
+            "AND NOT EXISTS (SELECT 1 FROM blob_links b WHERE b.digest = o.digest "
+            f"AND b.{_LINKED} AND b.object_key = o.object_key) "
+            "AND NOT EXISTS (SELECT 1 FROM layers l WHERE l.digest = o.digest "
+            f"AND l.object_key = o.object_key AND {_LAYER_IN_REPOSITORY}) "
+            "ORDER BY o.digest, o.object_key"
+        )
+        return [BlobCopy(*row) for row in rows]
+
+    def blob_copy_linked(self, object_key: str, digest: str) -> bool:
+        """Whether a repository links the copy (reclaims aside): a link names it, or the layers
+        row of a repository that has the digest does."""
+        db = self._connection()
+        return (
+            db.execute(
+                f"SELECT 1 FROM blob_links WHERE digest = ? AND {_LINKED} AND object_key = ? "
+                "LIMIT 1",
+                (digest, object_key),
+            ).fetchone()
+            or db.execute(
+                f"SELECT 1 FROM layers l WHERE l.digest = ? AND l.object_key = ? "
+                f"AND {_LAYER_IN_REPOSITORY} LIMIT 1",
+                (digest, object_key),
+            ).fetchone()
+        ) is not None
+
+    def blob_digest_state(self, digest: str) -> DigestState:
+        """Whether any repository has the digest, and when its links last changed."""
+        db = self._connection()
+        linked = (
+            db.execute(
+                f"SELECT 1 FROM blob_links WHERE digest = ? AND {_LINKED} LIMIT 1", (digest,)
+            ).fetchone()
+            or db.execute(
+                "SELECT 1 FROM layers l WHERE l.digest = ? AND NOT EXISTS (SELECT 1 FROM "
+                "blob_links b WHERE b.repository = l.repository AND b.digest = l.digest) LIMIT 1",
+                (digest,),
+            ).fetchone()
+        )
+        (links_changed,) = db.execute(
+            "SELECT max(linked_at) FROM blob_links WHERE digest = ?", (digest,)
+        ).fetchone()
+        (committed,) = db.execute(
+            "SELECT max(max(committed_at, coalesce(stored_at, 0))) FROM layers WHERE digest = ?",
+            (digest,),
+        ).fetchone()
+        changes = [moment for moment in (links_changed, committed) if moment is not None]
+        return DigestState(digest, linked is not None, max(changes) if changes else 0)
+
+    def unstored_manifests(self) -> list[ManifestCopy]:
+        """Manifests no repository stores whose copy the collector has not reclaimed since they
+        were last stored or deleted."""
+        rows = self._connection().execute(
+            "SELECT m.digest, m.object_key, m.size, "
+            "max(m.last_stored_at, coalesce(m.last_deleted_at, 0)) AS changed "
+            "FROM manifest_objects m "
+            "WHERE NOT EXISTS (SELECT 1 FROM manifests s WHERE s.digest = m.digest) "
+            "AND NOT EXISTS (SELECT 1 FROM reclaims r WHERE r.kind = 'manifest' "
+            "AND r.digest = m.digest AND r.reclaimed_at >= "
+            "max(m.last_stored_at, coalesce(m.last_deleted_at, 0))) "
+            "ORDER BY m.digest"
+        )
+        return [ManifestCopy(*row) for row in rows]
+
+    def manifest_copy(self, digest: str) -> ManifestCopy | None:
+        """The manifest's copy as every repository stored it, stored anywhere now or not."""
+        row = (
+            self._connection()
+            .execute(
+                "SELECT digest, object_key, size, "
+                "max(last_stored_at, coalesce(last_deleted_at, 0)) FROM manifest_objects "
+                "WHERE digest = ?",
+                (digest,),
+            )
+            .fetchone()
+        )
+        return None if row is None else ManifestCopy(*row)
+
+    def manifest_stored_anywhere(self, digest: str) -> ManifestRow | None:
+        """One repository's row of a manifest, if any repository stores it."""
+        row = (
+            self._connection()
+            .execute("SELECT repository FROM manifests WHERE digest = ? LIMIT 1", (digest,))
+            .fetchone()
+        )
+        return None if row is None else self.manifest(row[0], digest)
+
+    def revived_manifests(self) -> list[str]:
+        """Manifests the collector reclaimed a copy of that a repository stores again: a PUT
+        racing the reclaim may have written its copy just before the collector deleted it."""
+        rows = self._connection().execute(
+            "SELECT DISTINCT r.digest FROM reclaims r WHERE r.kind = 'manifest' "
+            "AND EXISTS (SELECT 1 FROM manifests s WHERE s.digest = r.digest) ORDER BY r.digest"
+        )
+        return [digest for (digest,) in rows]
+
+    def reclaims(self) -> list[ReclaimRow]:
+        rows = self._connection().execute(
+            "SELECT event_id, kind, digest, object_key, size, reason, sweep_id, reclaimed_at "
+            "FROM reclaims ORDER BY reclaimed_at, event_id"
+        )
+        return [ReclaimRow(*row) for row in rows]
+
     # Writes
 
     def apply(
         self,
         topic: str,
-        events: Iterable[Event | RepositoryEvent | None],
+        events: Iterable[Event | RepositoryEvent | StorageEvent | None],
         next_offsets: dict[int, int],
     ) -> None:
         """Applies events in order and stores, per partition, the offset to read next.
@@ -520,6 +731,9 @@ class Index:
                     continue
                 if isinstance(event, RepositoryEvent):
                     self._apply_repository(db, event)
+                    continue
+                if isinstance(event, StorageEvent):
+                    self._apply_storage(db, event)
                     continue
                 if isinstance(event, ChunkAppended):
                     seen = chunks.get(event.upload_id)
@@ -595,6 +809,7 @@ class Index:
                 ),
             )
             self._set_state(db, event, UploadStates.COMMITTED, digest=event.digest, size=event.size)
+            db.execute(_BLOB_OBJECT, _blob_object(event))
         elif isinstance(event, LayerValidationFailed):
             self._set_state(
                 db,
@@ -664,6 +879,26 @@ class Index:
         for statement, parameters in _REPOSITORY_STATEMENTS.get(type(event), ()):
             db.execute(statement, parameters(event, at))
 
+    @staticmethod
+    def _apply_storage(db: sqlite3.Connection, event: StorageEvent) -> None:
+        # A set of events: the same whatever order partitions are applied in, and a reclaim
+        # published twice (a sweep retried after an unknown outcome) is one row.
+        kind = "blob" if isinstance(event, BlobReclaimed) else "manifest"
+        db.execute(
+            "INSERT OR IGNORE INTO reclaims (event_id, kind, digest, object_key, size, reason, "
+            "sweep_id, reclaimed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.event_id,
+                kind,
+                event.digest,
+                event.object_key,
+                event.size,
+                event.reason,
+                event.sweep_id,
+                _ms(event.occurred_at),
+            ),
+        )
+
     def _set_state(
         self, db: sqlite3.Connection, event: Event, state: str, **columns: object
     ) -> None:
@@ -678,6 +913,32 @@ def _repository_digest(event: Any, _at: int) -> tuple[Any, ...]:
     return (event.repository, event.digest)
 
 
+# A copy of a blob that a commit, a link or a mount named (each names the same bytes: an object
+# holds one digest's bytes, from the upload whose commit first named it).
+_BLOB_OBJECT = (
+    "INSERT OR IGNORE INTO blob_objects (object_key, digest, size, blob_sha256) VALUES (?, ?, ?, ?)"
+)
+
+
+def _blob_object(event: Any, _at: int = 0) -> tuple[Any, ...]:
+    return (event.object_key, event.digest, event.size, event.blob_sha256)
+
+
+# A manifest stored or deleted by a repository: the latest of each, whatever order applied.
+_MANIFEST_STORED = (
+    "INSERT INTO manifest_objects (digest, object_key, size, last_stored_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (digest) DO UPDATE SET "
+    "last_stored_at = max(last_stored_at, excluded.last_stored_at)",
+    lambda e, at: (e.digest, e.object_key, e.size, at),
+)
+_MANIFEST_DELETED = (
+    # The repository's ManifestStored came first in its partition: the row is there.
+    "UPDATE manifest_objects SET last_deleted_at = max(coalesce(last_deleted_at, 0), ?) "
+    "WHERE digest = ?",
+    lambda e, at: (at, e.digest),
+)
+
+
 # A push (BlobLinked) or a mount (BlobMounted): linked, whatever came before in the partition.
 _LINK = (
     "INSERT INTO blob_links (repository, digest, linked, size, object_key, linked_at) "
@@ -686,8 +947,8 @@ _LINK = (
     lambda e, at: (e.repository, e.digest, e.size, e.object_key, at),
 )
 
-# The repository events other than ManifestStored, each as its statements and their parameters
-# (the event and its time in ms).
+# The repository events' statements and their parameters (the event and its time in ms); for
+# ManifestStored, those after its manifests row.
 _REPOSITORY_STATEMENTS: dict[
     type, tuple[tuple[str, Callable[[Any, int], tuple[Any, ...]]], ...]
 ] = {
@@ -701,12 +962,16 @@ _REPOSITORY_STATEMENTS: dict[
         ("DELETE FROM tags WHERE repository = ? AND tag = ?", lambda e, _: (e.repository, e.tag)),
     ),
     # Its TagDeleted events came first; a tag left pointing at it would point at nothing.
-    ManifestDeleted: tuple(
-        (f"DELETE FROM {table} WHERE repository = ? AND digest = ?", _repository_digest)
-        for table in ("tags", "manifests")
+    ManifestDeleted: (
+        *(
+            (f"DELETE FROM {table} WHERE repository = ? AND digest = ?", _repository_digest)
+            for table in ("tags", "manifests")
+        ),
+        _MANIFEST_DELETED,
     ),
-    BlobLinked: (_LINK,),
-    BlobMounted: (_LINK,),
+    ManifestStored: (_MANIFEST_STORED,),
+    BlobLinked: (_LINK, (_BLOB_OBJECT, _blob_object)),
+    BlobMounted: (_LINK, (_BLOB_OBJECT, _blob_object)),
     BlobUnlinked: (
         (
             "INSERT INTO blob_links (repository, digest, linked, linked_at) VALUES (?, ?, 0, ?) "

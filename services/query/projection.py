@@ -15,7 +15,7 @@ from services.core import kafka, metrics
 from services.core.codec import CODEC, DecodeError
 from services.core.principals import Principal
 from services.core.processor import start_with_retry
-from services.core.records import Event, RepositoryEvent
+from services.core.records import Event, RepositoryEvent, StorageEvent
 from services.core.settings import Settings
 from services.query.index import Index
 
@@ -106,7 +106,7 @@ class Projection:
 
     async def _apply(
         self,
-        rows: list[Event | RepositoryEvent | None],
+        rows: list[Event | RepositoryEvent | StorageEvent | None],
         positions: dict[int, int],
         newest: int,
         consumer: AIOKafkaConsumer,
@@ -256,7 +256,9 @@ class Projection:
             for partition, end in self.end_offsets.items()
         )
 
-    def _decode(self, record: ConsumerRecord[bytes, bytes]) -> Event | RepositoryEvent | None:
+    def _decode(
+        self, record: ConsumerRecord[bytes, bytes]
+    ) -> Event | RepositoryEvent | StorageEvent | None:
         try:
             event = CODEC.decode(record.value or b"")
         except DecodeError as error:
@@ -270,7 +272,7 @@ class Projection:
                 error,
             )
             return None
-        if isinstance(event, Event | RepositoryEvent):
+        if isinstance(event, Event | RepositoryEvent | StorageEvent):
             return event
         log.error(
             "skipping %s at %s[%d]@%d: not an event",

@@ -19,6 +19,7 @@ from typing import TypedDict
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.auth.authority import CommandAuthority
+from services.core.checkpoints import Checkpoint, passing
 from services.core.codec import CODEC, DecodeError, event_hash
 from services.core.names import InvalidName, check_repository, check_upload_id
 from services.core.processor import Output, dead_letter
@@ -95,7 +96,9 @@ def now_ms() -> int:
 
 
 class CommandHandler:
-    def __init__(self, settings: Settings, staging: StagingArea) -> None:
+    def __init__(
+        self, settings: Settings, staging: StagingArea, checkpoint: Checkpoint = passing
+    ) -> None:
         self.settings = settings
         self.staging = staging
         # Upload states this worker wrote last, by upload id, with the partition they live in.
@@ -105,7 +108,7 @@ class CommandHandler:
         # Kafka records carry no producer identity: each command's token is checked instead.
         self.authority = CommandAuthority.from_settings(settings)
         # Repository commands (keyed by repository name) share the topic and its partitions.
-        self.repositories = RepositoryCommands(settings, staging.store, self.authority)
+        self.repositories = RepositoryCommands(settings, staging.store, self.authority, checkpoint)
 
     def forget(self, revoked: set[TopicPartition]) -> None:
         """Another worker may own these partitions now: its writes would make our cache stale."""

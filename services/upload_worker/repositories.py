@@ -11,6 +11,12 @@ per batch, before the batch's events and offsets are committed.
 Repository commands are keyed by the repository name, so one repository lives in one partition
 and its commands are applied in log order: the last PutManifest to a tag wins, and every move
 names the digest the tag pointed at before it.
+
+A mount names the copy the digest's blobs/ pointer names, and a PutManifest writes the copy its
+ManifestStored names; the garbage collector may be reclaiming either. So each leaves a hold
+(services/core/holds.py) before it reads the pointer again or writes the copy: the collector,
+which withdraws the pointer (for a manifest: deletes the copy) before it reads the holds, then
+keeps the bytes until the command's outcome is in the log, or restores the manifest's copy.
 """
 
 from __future__ import annotations
@@ -27,8 +33,15 @@ from typing import Any, TypeVar
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.auth.authority import CommandAuthority
+from services.core.checkpoints import Checkpoint, Step, passing
 from services.core.codec import CODEC, event_hash
-from services.core.layout import manifest_key, repository_state_key, resolve_blob
+from services.core.holds import HoldCause, hold_blob, hold_manifest
+from services.core.layout import (
+    manifest_key,
+    read_blob_pointer,
+    repository_state_key,
+    resolve_blob,
+)
 from services.core.names import InvalidName, check_repository
 from services.core.objectstore import ObjectNotFound, ObjectStore
 from services.core.processor import Output
@@ -152,10 +165,17 @@ class RepositoryCommands:
     """Applies repository commands; the processor's settle/abandon/forget reach it through the
     upload worker's CommandHandler, partition by partition."""
 
-    def __init__(self, settings: Settings, store: ObjectStore, authority: CommandAuthority) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ObjectStore,
+        authority: CommandAuthority,
+        checkpoint: Checkpoint = passing,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.authority = authority
+        self.checkpoint = checkpoint  # where a test may stop it (services/core/checkpoints.py)
         # States this worker changed last, by repository, with the partition they live in.
         self.cache: OrderedDict[str, tuple[int, RepositoryState]] = OrderedDict()
         self.unsaved: dict[str, RepositoryState] = {}
@@ -312,8 +332,11 @@ class RepositoryCommands:
         except ManifestInvalid as error:
             raise Rejected(RepositoryRejectReason.MANIFEST_INVALID, str(error)) from None
         # Content addressed, so writing it again (a replay, another repository) changes nothing;
-        # written before any state names it.
-        await self.store.put(manifest_key(command.digest), body)
+        # written before any state names it, and after the hold that tells the collector a
+        # ManifestStored is on its way (it restores a copy it deleted under a hold).
+        key = manifest_key(command.digest)
+        await hold_manifest(self.store, command.digest, command.command_id, key)
+        await self.store.put(key, body)
         return replace(
             decision,
             media_type=manifest.media_type,
@@ -331,11 +354,21 @@ class RepositoryCommands:
                 check_repository(command.source_repository)
             except InvalidName as error:
                 raise Rejected(RepositoryRejectReason.INVALID_REPOSITORY, str(error)) from None
-        blob = await resolve_blob(self.store, command.digest)
+        blob = None
+        first = await read_blob_pointer(self.store, command.digest)
+        if first is not None:
+            # The hold first, then the pointer again (resolve_blob reads it and checks the copy
+            # is there): a collector that withdrew the pointer before is seen here, one that
+            # withdraws it after finds the hold.
+            await hold_blob(
+                self.store, command.digest, HoldCause.MOUNT, command.command_id, first.object_key
+            )
+            blob = await resolve_blob(self.store, command.digest)
         if blob is None:
             raise Rejected(
                 RepositoryRejectReason.BLOB_UNKNOWN, f"no committed blob {command.digest}"
             )
+        await self.checkpoint(Step.WORKER_MOUNT_RESOLVED, command.digest)
         return replace(
             decision,
             size=blob.size or 0,

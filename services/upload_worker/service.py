@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 from services.core import kafka, metrics, objectstore
+from services.core.checkpoints import Checkpoint, passing
 from services.core.objectstore import ObjectStore
 from services.core.principals import Principal
 from services.core.processor import Processor
@@ -21,10 +22,10 @@ from services.upload_worker.staging import LEDGER_LENGTH, StagingArea
 log = logging.getLogger(__name__)
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
+async def run(settings: Settings, stop: asyncio.Event, checkpoint: Checkpoint = passing) -> None:
     store = ObjectStore(settings)
     staging = StagingArea(store, settings.part_size)
-    handler = CommandHandler(settings, staging)
+    handler = CommandHandler(settings, staging, checkpoint)
     processor = Processor(
         settings,
         name="upload-worker",

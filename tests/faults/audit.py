@@ -70,6 +70,10 @@ TABLES = {
     "tags": "SELECT * FROM tags ORDER BY repository, tag",
     "blob_links": "SELECT * FROM blob_links ORDER BY repository, digest",
     "outcomes": "SELECT * FROM outcomes ORDER BY command_id, event_id",
+    # The collector's view and its reclaims (services/gc), projected into every index alike.
+    "blob_objects": "SELECT * FROM blob_objects ORDER BY object_key",
+    "manifest_objects": "SELECT * FROM manifest_objects ORDER BY digest",
+    "reclaims": "SELECT * FROM reclaims ORDER BY event_id",
 }
 
 
