@@ -28,7 +28,7 @@ async def topic_config(settings: Settings, topic: str, name: str) -> str:
     client = kafka.admin(settings, Principal.ADMIN)
     await client.start()
     try:
-        resource = ConfigResource(ConfigResourceType.TOPIC, topic, [name])
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, {name: None})
         (response,) = await client.describe_configs([resource])
         return {entry[0]: entry[1] for entry in response.resources[0][4]}[name]
     finally:
@@ -39,7 +39,7 @@ async def broker_configs(settings: Settings, node: int, names: list[str]) -> dic
     client = kafka.admin(settings, Principal.ADMIN)
     await client.start()
     try:
-        resource = ConfigResource(ConfigResourceType.BROKER, str(node), names)
+        resource = ConfigResource(ConfigResourceType.BROKER, str(node), dict.fromkeys(names))
         (response,) = await client.describe_configs([resource])
         return {entry[0]: entry[1] for entry in response.resources[0][4]}
     finally:
