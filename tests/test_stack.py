@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from services.core.codec import CODEC
-from services.core.kafka import MAX_RECORD_BYTES, connection, ensure_topics
+from services.core.kafka import MAX_RECORD_BYTES, connection, ensure_topics, topic_specs
 from services.core.objectstore import ObjectNotFound, ObjectStore
 from services.core.principals import Principal
 from services.core.records import StartUpload
@@ -161,3 +161,20 @@ async def test_provision_raises_an_old_events_topic_s_record_limit(settings: Set
     finally:
         await admin.delete_topics([own.commands_topic, own.events_topic, own.dead_letter_topic])
         await admin.close()
+
+
+def test_replicated_topics_ask_for_a_majority_in_sync_and_one_copy_keeps_the_broker_s_setting():
+    settings = Settings()
+    for copies, in_sync in ((1, None), (2, "2"), (3, "2"), (5, "3")):
+        for spec in topic_specs(settings, copies):
+            assert spec.replication_factor == copies
+            assert spec.topic_configs.get("min.insync.replicas") == in_sync, (copies, spec.name)
+
+
+async def test_provision_refuses_more_copies_than_brokers_naming_the_setting(settings: Settings):
+    """One broker cannot hold three copies: provisioning waits for more brokers a moment, then
+    says which setting asks for them, instead of Kafka's INVALID_REPLICATION_FACTOR."""
+    asking = replace(settings, kafka_replication_factor=3, commands_topic="test-never-made")
+    with pytest.raises(RuntimeError, match=r"LAYERLOG_KAFKA_REPLICATION_FACTOR is 3.* 1 broker"):
+        await ensure_topics(asking, timeout=1)
+    assert (await ensure_topics(replace(settings, kafka_replication_factor=1))).created == []

@@ -46,6 +46,8 @@ IN_FLIGHT_BYTES = 32 * MIB
 # reads come in megabytes, and pausing every 64 KiB made reading CPU-bound.
 READ_BUFFER = 4 * MIB
 POLL_SECONDS = 20.0
+# Producers still stopping after close() gave up waiting for them (see _stop_producer).
+_LINGERING: set[asyncio.Future[None]] = set()
 
 
 class LayerService:
@@ -85,7 +87,16 @@ class LayerService:
 
     async def start(self) -> None:
         try:
-            await self._producer.start()
+            # A producer's start asks for a producer id, which a cluster that lost its majority
+            # cannot give, and aiokafka asks again without end: keep to finish_timeout.
+            await asyncio.wait_for(self._producer.start(), self.finish_timeout)
+        except TimeoutError:
+            await self._producer.stop()
+            raise LayerError(
+                f"Kafka at {self.settings.kafka_bootstrap} did not let the client start within "
+                f"{self.finish_timeout:.0f}s: its brokers are down or have lost their majority; "
+                "try again once Kafka is back"
+            ) from None
         except KafkaConnectionError:
             # aiokafka says only that it could not connect; a refused login deserves its reason.
             problem = await login_problem(self.settings, Principal.CLIENT)
@@ -106,7 +117,7 @@ class LayerService:
     async def close(self) -> None:
         # Each resource is let go even when letting go of another one fails.
         try:
-            await self._producer.stop()
+            await self._stop_producer()
         finally:
             try:
                 if self._http is not None:
@@ -117,6 +128,25 @@ class LayerService:
                         await self._token_http.close()
                 finally:
                     self.storage.clear()
+
+    async def _stop_producer(self) -> None:
+        """Stops the Kafka client, giving the records it still holds finish_timeout to be
+        acknowledged.
+
+        aiokafka's stop() waits for every record it holds, without end while Kafka lacks the
+        in-sync replicas to acknowledge them: the LayerError that said so would reach the
+        caller only once Kafka is back. Past finish_timeout the stop goes on in the background
+        instead (it ends when Kafka takes the records, or when the event loop does); the caller
+        was told Kafka did not take them, and the worker knows a command that lands after all
+        by its id."""
+        stopping = asyncio.ensure_future(self._producer.stop())
+        done, _ = await asyncio.wait([stopping], timeout=self.finish_timeout)
+        if done:
+            stopping.result()
+            return
+        stopping.add_done_callback(_collect)
+        _LINGERING.add(stopping)  # a task nobody refers to may be garbage-collected mid-way
+        stopping.add_done_callback(_LINGERING.discard)
 
     # LayerService verbs
 
@@ -287,7 +317,7 @@ class LayerService:
                     deliveries.append(await self._send(command))
             except KafkaError as error:
                 errors.append(error)  # the futures gathered so far say how far it got
-            results = await asyncio.gather(*deliveries, return_exceptions=True)
+            results = await self._acknowledged(deliveries, deadline, pending[0].upload_id)
             refusal = next((e for e in [*errors, *results] if kafka.refused(e)), None)
             if refusal is not None:
                 # No ACL lets this principal write there (or its login stopped working):
@@ -306,6 +336,29 @@ class LayerService:
             if time.monotonic() > deadline:
                 raise LayerError(f"Kafka did not take the upload's commands: {results[failed:]!r}")
             await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+
+    async def _acknowledged(
+        self, deliveries: list[asyncio.Future[Any]], deadline: float, upload_id: str
+    ) -> list[Any]:
+        """Each delivery's result or exception, once all are settled, by the deadline.
+
+        aiokafka's idempotent producer never gives up on a record it has sent: while its
+        partition has fewer in-sync replicas than min.insync.replicas (a cluster that lost its
+        majority), it retries without end. The SDK's calls keep to finish_timeout instead and
+        raise LayerError past it. A command still in flight may land later; the worker knows it
+        by its command id, and resume() goes on from what Kafka did acknowledge."""
+        if not deliveries:
+            return []
+        _, waiting = await asyncio.wait(deliveries, timeout=max(0.0, deadline - time.monotonic()))
+        if waiting:
+            for delivery in waiting:
+                delivery.add_done_callback(_collect)
+            raise LayerError(
+                f"Kafka did not acknowledge upload {upload_id}'s commands within "
+                f"{self.finish_timeout:.0f}s: its brokers are down or fewer of them are in sync "
+                "than the topic's min.insync.replicas; try again once Kafka is back"
+            )
+        return await asyncio.gather(*deliveries, return_exceptions=True)
 
     async def _head(self, name: str, digest: str) -> dict[str, str] | None:
         _check_name(name)
@@ -457,15 +510,19 @@ class LayerUpload:
         command that did arrive twice is recognised by its command id and changes nothing."""
         while self._in_flight and (everything or self._in_flight_bytes > IN_FLIGHT_BYTES):
             _, future, size = self._in_flight[0]
-            try:
-                await future
-            except KafkaError:
+            deadline = time.monotonic() + self.service.finish_timeout
+            (outcome,) = await self.service._acknowledged([future], deadline, self.uuid)
+            if isinstance(outcome, KafkaError):
                 unacknowledged = [c for c, _, _ in self._in_flight]
-                await asyncio.gather(*(f for _, f, _ in self._in_flight), return_exceptions=True)
+                await self.service._acknowledged(
+                    [f for _, f, _ in self._in_flight], deadline, self.uuid
+                )
                 self._in_flight.clear()
                 self._in_flight_bytes = 0
                 await self.service._deliver(unacknowledged)
                 return
+            if isinstance(outcome, BaseException):
+                raise outcome
             self._in_flight.pop(0)
             self._in_flight_bytes -= size
 
@@ -629,3 +686,10 @@ def _message_of(text: str) -> str:
 def _raise_for_status(response: aiohttp.ClientResponse, body: dict) -> None:
     if response.status >= 400:
         raise LayerError(f"query service answered {response.status}: {body.get('message', body)}")
+
+
+def _collect(delivery: asyncio.Future[Any]) -> None:
+    """Reads the outcome of a delivery nobody waits for any more, so asyncio does not log it
+    as an exception never retrieved."""
+    if not delivery.cancelled():
+        delivery.exception()

@@ -74,16 +74,22 @@ class AclBinding:
 
 async def grant(settings: Settings, bindings: Iterable[AclBinding], timeout: float = 30) -> int:
     """Creates the bindings Kafka does not have yet; returns how many it created. Returns once
-    the broker enforces them all, so a client started right after is let in."""
+    every broker enforces them all, so a client started right after is let in wherever it
+    connects: each broker learns of new ACLs from the metadata log in its own time, and answers
+    DescribeAcls from what it enforces."""
     wanted = set(bindings)
     async with _Admin(settings) as admin:
         missing = wanted - await admin.describe(wanted)
         await asyncio.gather(*(admin.create(binding) for binding in sorted(missing)))
         deadline = time.monotonic() + timeout
-        while missing - await admin.describe(missing):
-            if time.monotonic() > deadline:
-                raise AclError(f"Kafka took the ACLs but does not show them after {timeout:.0f}s")
-            await asyncio.sleep(0.05)
+        for node in admin.brokers():
+            while missing - await admin.describe(missing, node):
+                if time.monotonic() > deadline:
+                    raise AclError(
+                        f"Kafka took the ACLs but broker {node} does not show them after "
+                        f"{timeout:.0f}s"
+                    )
+                await asyncio.sleep(0.05)
     return len(missing)
 
 
@@ -124,12 +130,17 @@ class _Admin:
         for error_code, message, _matching in response.filter_responses:
             _check(error_code, message, f"revoking {binding}")
 
-    async def describe(self, bindings: set[AclBinding]) -> set[AclBinding]:
+    def brokers(self) -> list[int]:
+        """The node ids of the brokers the cluster's metadata lists."""
+        return sorted(broker.nodeId for broker in self.client.cluster.brokers())
+
+    async def describe(self, bindings: set[AclBinding], node: int | None = None) -> set[AclBinding]:
+        """The bindings on these resources that a broker (node, else any) enforces."""
         resources = {(b.resource, b.name, b.pattern) for b in bindings}
         found: set[AclBinding] = set()
         for response in await asyncio.gather(
             *(
-                self._send(DescribeAclsRequest(resource, name, pattern, None, None, ANY, ANY))
+                self._send(DescribeAclsRequest(resource, name, pattern, None, None, ANY, ANY), node)
                 for resource, name, pattern in sorted(resources)
             )
         ):
@@ -151,8 +162,9 @@ class _Admin:
                     )
         return found
 
-    async def _send(self, request: object) -> object:
-        node = self.client.get_random_node()
+    async def _send(self, request: object, node: int | None = None) -> object:
+        if node is None:
+            node = self.client.get_random_node()
         return await self.client.send(node, request)
 
 

@@ -7,6 +7,7 @@ import logging
 import ssl
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -197,18 +198,37 @@ async def topic_partitions(settings: Settings, principal: Principal, topic: str)
         await client.close()
 
 
-def topic_specs(settings: Settings) -> list[NewTopic]:
+# A cluster keeps this many copies of each partition unless told otherwise (and fewer only when
+# it has fewer brokers): one broker may be lost, and one more be down for maintenance, without
+# losing a record.
+DEFAULT_REPLICATION_FACTOR = 3
+
+
+def min_in_sync(replication_factor: int) -> int:
+    """How many copies of a partition must have a record before Kafka acknowledges it (with the
+    producers' acks=all): a majority, so an acknowledged record survives the loss of any
+    minority of the copies, and writes go on while a minority is down."""
+    return replication_factor // 2 + 1
+
+
+def topic_specs(settings: Settings, replication_factor: int = 1) -> list[NewTopic]:
     big_records = {"max.message.bytes": str(MAX_RECORD_BYTES)}
+    # One copy keeps the broker's own setting (1); a replicated topic says what it needs itself
+    # rather than trusting the brokers' default.
+    durable = {}
+    if replication_factor > 1:
+        durable = {"min.insync.replicas": str(min_in_sync(replication_factor))}
     return [
         # Commands carry chunk bytes; they are input, kept long enough to replay a crash.
         NewTopic(
             settings.commands_topic,
             settings.partitions,
-            1,
+            replication_factor,
             # The broker stamps each command: the upload worker judges a token's expiry by
             # that time, which a client cannot choose and a replay sees again.
             topic_configs={
                 **big_records,
+                **durable,
                 "retention.ms": str(COMMAND_RETENTION_MS),
                 "message.timestamp.type": "LogAppendTime",
             },
@@ -218,28 +238,48 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
         NewTopic(
             settings.events_topic,
             settings.partitions,
-            1,
-            topic_configs={**big_records, "retention.ms": "-1", "retention.bytes": "-1"},
+            replication_factor,
+            topic_configs={
+                **big_records,
+                **durable,
+                "retention.ms": "-1",
+                "retention.bytes": "-1",
+            },
         ),
         NewTopic(
             settings.dead_letter_topic,
             settings.partitions,
-            1,
-            topic_configs={**big_records, "retention.ms": "-1"},
+            replication_factor,
+            topic_configs={**big_records, **durable, "retention.ms": "-1"},
         ),
     ]
 
 
-async def ensure_topics(settings: Settings, timeout: float = 60.0) -> list[str]:
-    """Creates the topics the services need; returns the names that were created."""
+@dataclass(frozen=True)
+class Topics:
+    """What ensure_topics did: the topics it created, with how many copies, and the topics that
+    were there already with fewer copies than that (name: their replication factor)."""
+
+    created: list[str]
+    replication_factor: int
+    short: dict[str, int]
+
+
+async def ensure_topics(settings: Settings, timeout: float = 60.0) -> Topics:
+    """Creates the topics the services need, replicated as the settings and the cluster say."""
     admin = AIOKafkaAdminClient(**connection(settings, Principal.ADMIN), request_timeout_ms=10_000)
     await _retry_until(admin.start, timeout, "Kafka at " + settings.kafka_bootstrap)
     created = []
+    short = {}
     try:
+        replicas = await _replication_factor(admin, settings, timeout)
         existing = set(await admin.list_topics())
-        for spec in topic_specs(settings):
+        for spec in topic_specs(settings, replicas):
             if spec.name in existing:
                 await _raise_record_limit(admin, spec)
+                copies = await _replicas_of(admin, spec.name)
+                if copies < replicas:
+                    short[spec.name] = copies
                 continue
             try:
                 await admin.create_topics([spec])
@@ -248,7 +288,39 @@ async def ensure_topics(settings: Settings, timeout: float = 60.0) -> list[str]:
                 pass
     finally:
         await admin.close()
-    return created
+    return Topics(created, replicas, short)
+
+
+async def _replication_factor(
+    admin: AIOKafkaAdminClient, settings: Settings, timeout: float
+) -> int:
+    """LAYERLOG_KAFKA_REPLICATION_FACTOR, once the cluster has a broker for each copy (brokers
+    of a cluster that is starting register one by one); 0 there: min(3, the brokers now)."""
+    wanted = settings.kafka_replication_factor
+    deadline = time.monotonic() + timeout
+    while True:
+        brokers = sorted(b["node_id"] for b in (await admin.describe_cluster())["brokers"])
+        if not wanted:
+            return max(1, min(DEFAULT_REPLICATION_FACTOR, len(brokers)))
+        if len(brokers) >= wanted:
+            return wanted
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"LAYERLOG_KAFKA_REPLICATION_FACTOR is {wanted}, but the Kafka cluster at "
+                f"{settings.kafka_bootstrap} has {len(brokers)} broker(s) up (ids "
+                f"{', '.join(map(str, brokers)) or 'none'}) after {timeout:.0f}s: each copy of "
+                f"a partition needs a broker of its own. Start the others, or set it to at most "
+                f"{len(brokers)} (0 takes min(3, the brokers there are))"
+            )
+        await asyncio.sleep(0.5)
+
+
+async def _replicas_of(admin: AIOKafkaAdminClient, topic: str) -> int:
+    """The fewest copies any partition of the topic has."""
+    for described in await admin.describe_topics([topic]):
+        if described["topic"] == topic and described["partitions"]:
+            return min(len(p["replicas"]) for p in described["partitions"])
+    return 0
 
 
 async def _raise_record_limit(admin: AIOKafkaAdminClient, spec: NewTopic) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 
@@ -21,8 +22,15 @@ STALE_MULTIPART_DAYS = 7
 async def provision(settings: Settings, timeout: float = 60.0) -> list[str]:
     """Returns a line for each thing it did, for the operator."""
     report = []
-    created = await ensure_topics(settings, timeout)
-    report += [f"created topic {name}" for name in created]
+    topics = await ensure_topics(settings, timeout)
+    copies = "" if topics.replication_factor == 1 else f" ({topics.replication_factor} copies)"
+    report += [f"created topic {name}{copies}" for name in topics.created]
+    report += [
+        f"note: topic {name} has {replicas} copies of its partitions, fewer than the "
+        f"{topics.replication_factor} asked for; Layerlog does not move partitions "
+        "(kafka-reassign-partitions does)"
+        for name, replicas in sorted(topics.short.items())
+    ]
     if settings.kafka_security_protocol == "PLAINTEXT":
         # Nobody logs in, so there is no principal to grant anything to.
         report.append("note: Kafka over PLAINTEXT: no logins, so no ACLs granted")
@@ -72,6 +80,9 @@ async def remove_topics(settings: Settings) -> None:
 
 
 def main() -> int:
+    # aiokafka logs each coordinator it finds not ready yet (a cluster's internal topics take a
+    # moment to get their replicas); provisioning retries those and says itself what failed.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         for line in asyncio.run(provision(Settings.from_env())):
             print(line)

@@ -70,6 +70,10 @@ class Settings:
     # SASL_SSL only: the CA that signed the brokers' certificates (empty: the system's CAs).
     kafka_ca_file: str = ""
     # --- end of Kafka security ---
+    # Copies of each partition of the topics `provision` creates; 0: min(3, the brokers the
+    # cluster lists when it runs). Set it for a production cluster, so a broker that happens to
+    # be down while provisioning runs does not leave new topics with fewer copies.
+    kafka_replication_factor: int = 0
     s3_endpoint: str = "127.0.0.1:9000"
     s3_access_key: str = "layerlog"
     s3_secret_key: str = "layerlog-secret"
@@ -207,6 +211,11 @@ class Settings:
                     f"LAYERLOG_{name.upper()} must be a Kafka topic name "
                     f"(1-249 of A-Z a-z 0-9 . _ -), got {value!r}"
                 )
+        if self.kafka_replication_factor < 0:
+            raise SettingsError(
+                "LAYERLOG_KAFKA_REPLICATION_FACTOR must be 0 (min(3, the cluster's brokers)) "
+                f"or a number of copies, got {self.kafka_replication_factor}"
+            )
         if self.partitions < 1:
             raise SettingsError(f"LAYERLOG_PARTITIONS must be at least 1, got {self.partitions}")
         if not 1 <= self.max_chunk_bytes <= MAX_CHUNK_CEILING:
