@@ -172,9 +172,19 @@ def test_replicated_topics_ask_for_a_majority_in_sync_and_one_copy_keeps_the_bro
 
 
 async def test_provision_refuses_more_copies_than_brokers_naming_the_setting(settings: Settings):
-    """One broker cannot hold three copies: provisioning waits for more brokers a moment, then
+    """N brokers cannot hold N + 1 copies: provisioning waits for more brokers a moment, then
     says which setting asks for them, instead of Kafka's INVALID_REPLICATION_FACTOR."""
-    asking = replace(settings, kafka_replication_factor=3, commands_topic="test-never-made")
-    with pytest.raises(RuntimeError, match=r"LAYERLOG_KAFKA_REPLICATION_FACTOR is 3.* 1 broker"):
-        await ensure_topics(asking, timeout=1)
-    assert (await ensure_topics(replace(settings, kafka_replication_factor=1))).created == []
+    admin = AIOKafkaAdminClient(**connection(settings, Principal.ADMIN))
+    await admin.start()
+    try:
+        brokers = len((await admin.describe_cluster())["brokers"])
+    finally:
+        await admin.close()
+    too_many = replace(
+        settings, kafka_replication_factor=brokers + 1, commands_topic="test-never-made"
+    )
+    pattern = rf"LAYERLOG_KAFKA_REPLICATION_FACTOR is {brokers + 1}.* {brokers} broker"
+    with pytest.raises(RuntimeError, match=pattern):
+        await ensure_topics(too_many, timeout=1)
+    # The session's topics exist already: asking again creates nothing.
+    assert (await ensure_topics(settings)).created == []

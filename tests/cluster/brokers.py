@@ -47,7 +47,9 @@ def _free_ports(first: int, count: int) -> bool:
 
 def pick_ports() -> tuple[int, int]:
     """The first node's port (the nodes take it and the eight after it) and the S3 port:
-    LAYERLOG_TEST_CLUSTER_PORT and LAYERLOG_TEST_CLUSTER_S3_PORT, else free ones."""
+    LAYERLOG_TEST_CLUSTER_PORT and LAYERLOG_TEST_CLUSTER_S3_PORT, else free ones below the
+    kernel's ephemeral range (32768 on): there, any outgoing connection may take a node's port
+    between the check and the bind, which runs on this busy machine showed happen."""
     chosen = os.environ.get("LAYERLOG_TEST_CLUSTER_PORT")
     s3 = os.environ.get("LAYERLOG_TEST_CLUSTER_S3_PORT")
     if chosen:
