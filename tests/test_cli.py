@@ -239,8 +239,13 @@ async def test_push_on_a_terminal_shows_progress_unless_quiet(settings, tmp_path
 def test_run_all_serves_every_service_and_ctrl_c_stops_them(settings, tmp_path):
     """`make run` is `layerlog run-all`: the five services come up, and SIGINT stops them all."""
     registry = f"127.0.0.1:{free_port()}"
+    # A query port of its own: the session's query service may hold the session's, and a
+    # query service that cannot bind exits, which stops run-all before the SIGINT below.
+    query = f"127.0.0.1:{free_port()}"
     own = replace(
         settings,
+        query_listen=query,
+        query_url=f"http://{query}",
         registry_listen=registry,
         registry_url=f"http://{registry}",
         registry_index_path=str(tmp_path / "registry.sqlite"),
