@@ -26,10 +26,14 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def image_blobs(seed: str) -> tuple[bytes, bytes]:
+    """The config and the layer that image_manifest(seed) names, for tests that push them."""
+    return f"config {seed}".encode(), f"layer {seed}".encode()
+
+
 def image_manifest(seed: str, subject: str | None = None) -> bytes:
     """A valid OCI image manifest; seed makes its digest unique."""
-    config = f"config {seed}".encode()
-    layer = f"layer {seed}".encode()
+    config, layer = image_blobs(seed)
     document: dict[str, object] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,

@@ -36,6 +36,7 @@ from services.oci.manifest import OCI_MANIFEST
 from tests.conftest import run_cli, settings_env
 from tests.faults.audit import assert_index_matches_replay
 from tests.gc_stack import GcStack, gc_stack, sha256
+from tests.repository_log import image_blobs, image_manifest
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -166,27 +167,9 @@ async def test_the_grace_period_keeps_and_dry_run_changes_nothing(stack, http, c
 
 
 async def push_image(stack: GcStack, http: aiohttp.ClientSession, repository: str, seed: str):
-    config, layer = f"config {seed}".encode(), f"layer {seed}".encode() * 100
-    for blob in (config, layer):
+    for blob in image_blobs(seed):
         await stack.registry_push(http, repository, blob)
-    body = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": sha256(config),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": sha256(layer),
-                    "size": len(layer),
-                }
-            ],
-        }
-    ).encode()
+    body = image_manifest(seed)
     await put_manifest(stack, http, repository, body)
     return body
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,8 +21,8 @@ from services.core.objectstore import ObjectStore
 from services.core.provision import provision, remove_topics
 from services.core.settings import Settings
 from tests.cluster.brokers import CLUSTER_CACHE, AckedWrites, Cluster, pick_ports
-from tests.conftest import free_port, registry_process, run_topics
-from tests.faults.conftest import Pipeline
+from tests.conftest import free_port, registry_process
+from tests.faults.conftest import Pipeline, fresh_run
 
 REPORT = CLUSTER_CACHE / "fault-report.jsonl"
 
@@ -61,15 +60,7 @@ def cluster_settings(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture()
 async def fault_settings(cluster_settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
-    run = f"cluster-{uuid.uuid4().hex[:10]}"
-    port = free_port()
-    fresh = replace(
-        cluster_settings,
-        **run_topics(run),
-        query_listen=f"127.0.0.1:{port}",
-        query_url=f"http://127.0.0.1:{port}",
-        index_path=str(tmp_path / "index.sqlite"),
-    )
+    fresh = fresh_run(cluster_settings, "cluster", tmp_path)
     await provision(fresh, timeout=120)
     yield fresh
     await remove_topics(fresh)

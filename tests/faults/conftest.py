@@ -63,17 +63,21 @@ class Pipeline:
         )
 
 
-@pytest.fixture()
-async def fault_settings(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
-    run = uuid.uuid4().hex[:10]
+def fresh_run(settings: Settings, label: str, tmp_path: Path) -> Settings:
+    """settings with topics of a run of its own, a free query port and an index under tmp_path."""
     port = free_port()
-    fresh = replace(
+    return replace(
         settings,
-        **run_topics(f"fault-{run}"),
+        **run_topics(f"{label}-{uuid.uuid4().hex[:10]}"),
         query_listen=f"127.0.0.1:{port}",
         query_url=f"http://127.0.0.1:{port}",
         index_path=str(tmp_path / "index.sqlite"),
     )
+
+
+@pytest.fixture()
+async def fault_settings(settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
+    fresh = fresh_run(settings, "fault", tmp_path)
     await provision(fresh, timeout=60)
     yield fresh
 
