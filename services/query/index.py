@@ -494,17 +494,25 @@ class Index:
         row = (
             self._connection()
             .execute(
-                "SELECT repository, digest, media_type, size, body, object_key, subject, "
-                "artifact_type, annotations, stored_at FROM manifests "
-                "WHERE repository = ? AND digest = ?",
+                f"SELECT {_MANIFEST_COLUMNS} FROM manifests WHERE repository = ? AND digest = ?",
                 (repository, digest),
             )
             .fetchone()
         )
-        if row is None:
-            return None
-        *head, annotations, stored_at = row
-        return ManifestRow(*head, json.loads(annotations or "{}"), stored_at)
+        return None if row is None else _manifest_row(row)
+
+    def tagged_manifest(self, repository: str, tag: str) -> ManifestRow | None:
+        """The manifest the tag points to, in one primary-key join rather than two queries."""
+        row = (
+            self._connection()
+            .execute(
+                f"SELECT {_MANIFEST_COLUMNS} FROM tags JOIN manifests USING (repository, digest) "
+                "WHERE repository = ? AND tag = ?",
+                (repository, tag),
+            )
+            .fetchone()
+        )
+        return None if row is None else _manifest_row(row)
 
     def tag(self, repository: str, tag: str) -> str | None:
         """The digest the tag points to."""
@@ -1054,3 +1062,14 @@ def canonical_digest(path: str) -> tuple[str, dict[str, int]]:
         hasher.update(repr((table, row)).encode())
         hasher.update(b"\n")
     return hasher.hexdigest(), counts
+
+
+_MANIFEST_COLUMNS = (
+    "repository, digest, media_type, size, body, object_key, subject, artifact_type, "
+    "annotations, stored_at"
+)
+
+
+def _manifest_row(row: tuple[Any, ...]) -> ManifestRow:
+    *head, annotations, stored_at = row
+    return ManifestRow(*head, json.loads(annotations or "{}"), stored_at)
