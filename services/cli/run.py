@@ -31,6 +31,9 @@ PRINCIPALS = {
 
 
 def run_service(args: argparse.Namespace) -> int:
+    from services.core.memory import tune_malloc
+
+    tune_malloc()  # before any thread or big buffer exists
     settings = Settings.from_env()
     if args.service == "query" and args.read_only:
         from services.query.index import check_index
