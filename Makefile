@@ -11,7 +11,7 @@ run: venv clients
 test: venv clients
 	deploy/with-stack $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv $(VENV)/.bench-installed distribution
+bench: venv $(VENV)/.bench-installed clients distribution
 	deploy/with-stack $(PY) -m bench
 
 # Layerlog's registry against CNCF Distribution on the same S3 (bench/versus.py); crane drives both.

@@ -1,4 +1,7 @@
-"""The Exists load generator: `python -m bench.headload URL PATHS [options]`, in its own process.
+"""The lookup load generator: `python -m bench.headload URL PATHS [options]`, in its own process.
+
+HEAD by default (Exists); `--method GET --header 'Accept: ...'` makes it a manifest GET load, which
+reads each body to the end so a server that streams it is timed for the whole answer.
 
 It runs apart from the bench (so the bench's own work does not slow it) and apart from the server
 (whose CPU it must not share in-process). It still shares the machine's cores with the server:
@@ -25,7 +28,13 @@ from bench.stats import percentile
 
 
 async def load(
-    url: str, paths: list[str], concurrency: int, seconds: float, warmup: float
+    url: str,
+    paths: list[str],
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    method: str = "HEAD",
+    headers: dict[str, str] | None = None,
 ) -> dict[str, object]:
     latencies = array("d")
     counted = [0]  # every answered request, warm-up included (for CPU per request)
@@ -46,7 +55,8 @@ async def load(
                 if started >= end:
                     return
                 try:
-                    async with http.head(rng.choice(paths)) as response:
+                    async with http.request(method, rng.choice(paths), headers=headers) as response:
+                        await response.read()
                         status = response.status
                 except (aiohttp.ClientError, TimeoutError) as error:
                     errors[type(error).__name__] += 1
@@ -78,9 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--method", default="HEAD", choices=("HEAD", "GET"))
+    parser.add_argument(
+        "--header", action="append", default=[], help="'Name: value', sent with every request"
+    )
     args = parser.parse_args(argv)
     paths = args.paths.read_text().split()
-    result = asyncio.run(load(args.url, paths, args.concurrency, args.seconds, args.warmup))
+    headers = dict(
+        (name.strip(), value.strip())
+        for name, value in (line.split(":", 1) for line in args.header)
+    )
+    result = asyncio.run(
+        load(args.url, paths, args.concurrency, args.seconds, args.warmup, args.method, headers)
+    )
     print(json.dumps(result))
     return 0
 

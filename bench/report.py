@@ -119,6 +119,68 @@ def before_and_after(before: dict[str, Any], figures: list[Figure]) -> str:
     return "\n".join(lines)
 
 
+def versus_section(result: dict[str, Any] | None) -> list[str]:
+    """bench.versus' table: Layerlog against CNCF Distribution, with each goal met or missed."""
+    if not result:
+        return []
+    from bench.versus import DESCRIPTION, cpu_table, goals_met, table
+
+    met, missed = goals_met(result)
+    looked = result["lookups"]
+    seeding = looked["seeding_s"]
+    return [
+        "## Against CNCF Distribution v3.1.2 (`bench/versus.py`)",
+        "",
+        f"Measured {result['when']} at commit `{result['commit']}`, {result['runs']} run(s) per "
+        f"registry, interleaved, median taken; {result['minutes']:.1f} minutes. Load average "
+        f"(1/5/15 min) before {result['load_before']}, after {result['load_after']}.",
+        "",
+        table(result),
+        "",
+        f"Goals met: {met} of {met + len(missed)}"
+        + (f"; missed: {', '.join(missed)}." if missed else "."),
+        "",
+        *DESCRIPTION,
+        "",
+        cpu_table(result),
+        "",
+        f"Lookups ran on {looked['layers']:,} layers in {looked['repositories']:,} repositories "
+        f"and {looked['tags']:,} tags, {looked['concurrency']} clients, "
+        f"{looked['seconds_per_load']:.0f} s per load. Seeding: Layerlog's events "
+        f"{seeding['layerlog_events_s']:.0f} s, indexed in {seeding['layerlog_index_s']:.0f} s, "
+        f"{looked['tags']:,} manifest PUTs {seeding['layerlog_tags_s']:.0f} s; Distribution's "
+        f"blobs {seeding['distribution_blobs_s']:.0f} s "
+        f"({seeding['distribution_blobs_written_as']}), {looked['tags']:,} manifest PUTs "
+        f"{seeding['distribution_tags_s']:.0f} s.",
+        f"Blob GET, not followed: {result['blob_get_status']} (307: the client reads S3 "
+        "directly; 200: the registry streams the bytes).",
+        "",
+    ]
+
+
+def scaling_section(result: dict[str, Any] | None) -> list[str]:
+    """bench.scaling's curves: push MB/s by upload-worker replicas and concurrent pushes."""
+    if not result:
+        return []
+    from bench.scaling import flattening, table
+
+    return [
+        "## Scaling: upload-worker replicas and concurrent pushes (`bench/scaling.py`)",
+        "",
+        f"Measured {result['when']} at commit `{result['commit']}` on {result['cores']} cores: "
+        f"N `crane append` processes at once, {result['push_bytes'] / (1 << 20):.1f} MiB gzip "
+        f"layer each, through the registry, with 1, 2 and 4 upload workers on "
+        f"{result['partitions']} partitions; one pass per point. CPU busy: CPU seconds of every "
+        "process on the path (services, Kafka broker, versitygw, crane) over wall time x cores. "
+        f"Load average before {result['load_before']}, after {result['load_after']}.",
+        "",
+        table(result),
+        "",
+        flattening(result),
+        "",
+    ]
+
+
 def write_markdown(results: dict[str, Any], out: Path, plots: list[str]) -> Path:
     figures = [Figure.from_json(f) for f in results["figures"]]
     meta = results["meta"]
@@ -131,6 +193,10 @@ def write_markdown(results: dict[str, Any], out: Path, plots: list[str]) -> Path
         f"Machine: {meta['machine']}. Load average (1/5/15 min) at the start {meta['load_start']},"
         f" at the end {meta['load_end']}: the machine is shared with other engineers' test runs,"
         " so absolute numbers drift from run to run.",
+        "",
+        *versus_section(results.get("versus")),
+        *scaling_section(results.get("scaling")),
+        "## Against raw S3 and bare servers",
         "",
         "Every figure is measured next to a baseline that does the same work without Layerlog, "
         "in the same run, one right after the other (alternating which goes first). **ratio** is "
@@ -218,6 +284,25 @@ def write_plots(results: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(name)
+
+    curves = results.get("scaling")
+    if curves and curves["points"]:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for replicas in sorted({p["replicas"] for p in curves["points"]}):
+            points = [p for p in curves["points"] if p["replicas"] == replicas]
+            x = [p["concurrency"] for p in points]
+            label = f"{replicas} upload worker{'s' if replicas > 1 else ''}"
+            ax.plot(x, [p["mb_s"] for p in points], "o-", label=label)
+        levels = sorted({p["concurrency"] for p in curves["points"]})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(level) for level in levels])
+        ax.set_xlabel(f"concurrent crane pushes of {curves['push_bytes'] / (1 << 20):.0f} MiB")
+        ax.set_ylabel("MB/s, all pushes")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"Push throughput by replicas and concurrency, {curves['cores']} cores")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        save(fig, "scaling.png")
 
     chunks = series.get("ingest_chunk_size")
     if chunks and chunks["points"]:
