@@ -262,6 +262,8 @@ def sample(name: str) -> object:
         "marked_at": "0:1 1:2",
         "checked_at": "0:3 1:4",
         "pointer": "WITHDRAWN",
+        # The worker's sha256 of an upload's staged bytes (UploadFinished v4).
+        "content_sha256": "c" * 64,
     }
     cls = RECORD_TYPES[name]
     if issubclass(cls, Command | RepositoryCommand):
@@ -386,6 +388,8 @@ def test_every_command_and_event_has_a_newest_version_naming_who():
             assert newest[field]["default"] is None, (name, field)
         for version in range(1, CODEC.newest[name].version):
             old = {f["name"] for f in CODEC.schema(name, version).parsed["fields"]}
+            if wanted <= old:
+                continue  # a later version than the one that named who (UploadFinished v4)
             assert not old & wanted, (name, version)
             # An old record reads with nobody named: none of the new fields is guessed.
             decoded = CODEC.decode(CODEC.encode(sample(name), version=version))

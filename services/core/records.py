@@ -144,6 +144,8 @@ class UploadFinished(Event):
     digest: str
     staged_size: int
     staging_key: str
+    # The worker's sha256 of the staged bytes, when it staged every chunk itself (schema v4).
+    content_sha256: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

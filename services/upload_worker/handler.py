@@ -49,6 +49,7 @@ from services.core.records import (
 )
 from services.core.settings import Settings
 from services.digests.digest import InvalidDigest, TarSumVersionUnsupported, parse_digest
+from services.upload_worker.digests import RunningDigests
 from services.upload_worker.repositories import RepositoryCommands
 from services.upload_worker.staging import (
     ChunkRecord,
@@ -109,12 +110,15 @@ class CommandHandler:
         self.authority = CommandAuthority.from_settings(settings)
         # Repository commands (keyed by repository name) share the topic and its partitions.
         self.repositories = RepositoryCommands(settings, staging.store, self.authority, checkpoint)
+        # Each open upload's sha256 so far, which its UploadFinished hands the verifier.
+        self.digests = RunningDigests()
 
     def forget(self, revoked: set[TopicPartition]) -> None:
         """Another worker may own these partitions now: its writes would make our cache stale."""
         partitions = {tp.partition for tp in revoked if tp.topic == self.settings.commands_topic}
         for upload_id in [u for u, (p, _) in self.cache.items() if p in partitions]:
             del self.cache[upload_id]
+        self.digests.drop_partitions(partitions)
         self.repositories.forget(revoked)
 
     async def settle(self, partition: int) -> None:
@@ -128,6 +132,7 @@ class CommandHandler:
         """The partition's unsettled commands will be applied again (by us or another owner)."""
         upload_ids = self.touched.pop(partition, set())
         self.staging.drop(upload_ids)
+        self.digests.drop(upload_ids)  # their chunks will be staged (and hashed) again
         for upload_id in upload_ids:
             self.cache.pop(upload_id, None)
         self.repositories.abandon(partition)
@@ -282,7 +287,9 @@ class CommandHandler:
                 f"{self.staging.largest_layer} bytes fit (LAYERLOG_PART_SIZE "
                 f"{self.staging.part_size})",
             )
-        digest = await _sha256(command.data)
+        digest, running = await self.digests.hash_chunk(
+            command.upload_id, src.partition, command.offset, command.data
+        )
         record = ChunkRecord(
             command.offset,
             length,
@@ -295,6 +302,7 @@ class CommandHandler:
         )
         event = self._chunk_appended(command, record)
         state = await self.staging.append(state, command.data, record, _hash(event))
+        self.digests.advance(command.upload_id, running)
         self._remember(state, src.partition)
         return [event]
 
@@ -383,9 +391,11 @@ class CommandHandler:
                 staged_size=state.durable_offset,
                 at_ms=now_ms(),
                 prev_hash=state.chain_head,
+                content_sha256=self.digests.digest(command.upload_id, state.durable_offset),
             )
             event = self._finished(command, finish)
             state = await self.staging.finish(state, finish, _hash(event))
+            self.digests.drop([command.upload_id])
             self._remember(state, src.partition)
             return [event]
         assert state.finish is not None  # a finished state always says how
@@ -401,6 +411,7 @@ class CommandHandler:
             digest=command.digest,
             staged_size=finish.staged_size,
             staging_key=staging_key(command.upload_id),
+            content_sha256=finish.content_sha256,
             occurred_at=at_ms(finish.at_ms),
             prev_hash=finish.prev_hash,
             actor=command.subject,
@@ -455,6 +466,7 @@ class CommandHandler:
         state = self.staging.discard(
             state, status, command.command_id, src.tag, closing, _hash(event)
         )
+        self.digests.drop([command.upload_id])
         self._remember(state, src.partition)
         return [event]
 

@@ -67,6 +67,7 @@ class Finish:
     staged_size: int
     at_ms: int
     prev_hash: str | None = None
+    content_sha256: str | None = None  # what the UploadFinished says of the staged bytes
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ class Verifier:
 
     async def _judge(self, event: UploadFinished) -> Verdict:
         return await self.judge.judge(
-            event.staging_key, event.size, event.staged_size, event.digest
+            event.staging_key, event.size, event.staged_size, event.digest, event.content_sha256
         )
 
     async def _stored(self, key: str) -> Verdict | None:
