@@ -123,7 +123,7 @@ def versus_section(result: dict[str, Any] | None) -> list[str]:
     """bench.versus' table: Layerlog against CNCF Distribution, with each goal met or missed."""
     if not result:
         return []
-    from bench.versus import DESCRIPTION, cpu_table, goals_met, table
+    from bench.versus import DESCRIPTION, cpu_table, goals_met, table, why_missed
 
     met, missed = goals_met(result)
     looked = result["lookups"]
@@ -140,6 +140,7 @@ def versus_section(result: dict[str, Any] | None) -> list[str]:
         f"Goals met: {met} of {met + len(missed)}"
         + (f"; missed: {', '.join(missed)}." if missed else "."),
         "",
+        *(["Why each miss:", "", *why_missed(result), ""] if why_missed(result) else []),
         *DESCRIPTION,
         "",
         cpu_table(result),
