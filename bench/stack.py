@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+from minio.deleteobjects import DeleteObject
 
 from services.core.objectstore import ObjectStore
 from services.core.provision import provision, remove_topics
@@ -257,9 +258,15 @@ async def delete_bucket(settings: Settings) -> None:
         await store.abort_multipart(upload.key, upload.upload_id)
 
     def remove() -> None:
+        # DeleteObjects, 1,000 keys a request: the lookups' buckets hold hundreds of thousands
+        # of objects, which one DELETE each took a quarter of an hour to remove.
         client = store.client
-        for item in client.list_objects(store.bucket, recursive=True):
-            client.remove_object(store.bucket, item.object_name)
+        listed = client.list_objects(store.bucket, recursive=True)
+        failed = list(
+            client.remove_objects(store.bucket, (DeleteObject(item.object_name) for item in listed))
+        )
+        if failed:
+            raise RuntimeError(f"{len(failed)} objects were not deleted, first: {failed[0]}")
         client.remove_bucket(store.bucket)
 
     await asyncio.to_thread(remove)
