@@ -135,6 +135,7 @@ def versus_section(result: dict[str, Any] | None) -> list[str]:
         f"registry, interleaved, median taken; {result['minutes']:.1f} minutes. Load average "
         f"(1/5/15 min) before {result['load_before']}, after {result['load_after']}.",
         "",
+        *([result["note"], ""] if result.get("note") else []),
         table(result),
         "",
         f"Goals met: {met} of {met + len(missed)}"
