@@ -184,7 +184,7 @@ def scaling_section(result: dict[str, Any] | None) -> list[str]:
         "upload workers, the verifier, versitygw) shares these cores, so once the CPU-busy "
         "column reaches its ceiling more concurrent pushes only queue, and more upload-worker "
         "replicas split the same CPU among more processes (each with Kafka fetches of its own). "
-        "Replicas add throughput where they bring cores with them, on other machines.",
+        "Replicas can only add throughput where they bring cores with them, on other machines.",
         "",
     ]
 
