@@ -34,7 +34,8 @@ from typing import Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, NotCoordinatorForGroupError
+from aiokafka.structs import OffsetAndMetadata
 
 from services.core import kafka
 from services.core.eventlog import partition_for
@@ -124,10 +125,8 @@ class ReadBarrier:
         command_partition = partition_for(upload_id, commands[0])
         events_partition = partition_for(upload_id, commands[1])
         target = (await self._retrying(self._command_ends.get, deadline))[command_partition]
-        while True:
-            committed = (await self._retrying(self._committed.get, deadline)).get(
-                command_partition, 0
-            )
+        while target > 0:  # 0: Kafka holds no command there, so there is nothing to wait for
+            committed = (await self._retrying(self._committed.get, deadline))[command_partition]
             if committed >= target:
                 break
             if time.monotonic() > deadline:
@@ -235,5 +234,27 @@ class ReadBarrier:
         except KafkaError:
             self._coordinator = None  # it may have moved: look it up again next time
             raise
-        # -1: the group has committed nothing there yet.
-        return {tp.partition: max(0, meta.offset) for tp, meta in found.items()}
+        committed = committed_offsets(topic, self._partitions[topic], found)
+        if committed is None:
+            self._coordinator = None
+            raise NotCoordinatorForGroupError(
+                f"the coordinator of {self.group} answered without the offsets asked for"
+            )
+        return committed
+
+
+def committed_offsets(
+    topic: str, asked: list[int], found: dict[TopicPartition, OffsetAndMetadata]
+) -> dict[int, int] | None:
+    """The group's committed offset of each asked partition of `topic`, or None when the
+    answer left one out.
+
+    aiokafka 0.14 raises an OffsetFetch error only when a partition carries it. An error at the
+    top of the answer (v2 and later: the coordinator moved or is still loading, as after a
+    broker restart) comes back as no partitions at all; read as offset 0 it kept a barrier
+    waiting on a coordinator that no longer was one."""
+    answered = {tp.partition: meta.offset for tp, meta in found.items() if tp.topic == topic}
+    if any(partition not in answered for partition in asked):
+        return None
+    # -1: the group has committed nothing there yet.
+    return {partition: max(0, answered[partition]) for partition in asked}
