@@ -126,6 +126,7 @@ def versus_section(result: dict[str, Any] | None) -> list[str]:
     from bench.versus import DESCRIPTION, cpu_table, goals_met, table, why_missed
 
     met, missed = goals_met(result)
+    reasons = why_missed(result, missed)
     looked = result["lookups"]
     seeding = looked["seeding_s"]
     return [
@@ -141,7 +142,7 @@ def versus_section(result: dict[str, Any] | None) -> list[str]:
         f"Goals met: {met} of {met + len(missed)}"
         + (f"; missed: {', '.join(missed)}." if missed else "."),
         "",
-        *(["Why each miss:", "", *why_missed(result), ""] if why_missed(result) else []),
+        *(["Why each miss:", "", *reasons, ""] if reasons else []),
         *DESCRIPTION,
         "",
         cpu_table(result),

@@ -588,13 +588,16 @@ def goals_met(result: dict[str, Any]) -> tuple[int, list[str]]:
                 if mib <= RSS_LIMIT_MIB:
                     met += 1
                 else:
-                    missed.append(f"rss_{name}_{phase}")
+                    missed.append(rss_key(name, phase))
     return met, missed
 
 
-def why_missed(result: dict[str, Any]) -> list[str]:
-    """One line per goal this run missed, with what the profiles say about it."""
-    _, missed = goals_met(result)
+def rss_key(name: str, phase: str) -> str:
+    return f"rss_{name}_{phase}"
+
+
+def why_missed(result: dict[str, Any], missed: list[str]) -> list[str]:
+    """One line per goal in `missed` (goals_met's), with what the profiles say about it."""
     lines = [
         f"- **{goal.label}**: {goal.when_missed}"
         for goal in GOALS
@@ -602,7 +605,7 @@ def why_missed(result: dict[str, Any]) -> list[str]:
     ]
     for phase, peaks in result["peak_rss_mib"].items():
         for name, mib in peaks.items():
-            if f"rss_{name}_{phase}" in missed:
+            if rss_key(name, phase) in missed:
                 why = RSS_WHY.get(name, "see bench/PROFILING.md, round 3.")
                 lines.append(f"- **Peak RSS, {name}, {phase}** ({mib:.0f} MiB): {why}")
     return lines
